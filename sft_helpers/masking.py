@@ -1,0 +1,348 @@
+"""Loss masking: train on the assistant's tokens only.
+
+`tokenize_with_masking` turns one conversation into `input_ids`, `attention_mask` and
+`labels`, where `labels` is -100 (ignored by `CrossEntropyLoss`) on everything except each
+assistant message's content and the end-of-turn token that closes it. It renders the chat
+template ONCE per conversation: each assistant content travels through the template wrapped
+in invisible marker characters, so the rendered text itself says where every assistant span
+starts and ends (character offsets); the tokenizer's offset mapping turns characters into
+tokens. Whatever the template adds around the messages (a default system prompt, a date, a
+system message moved into another turn) is simply not inside a span.
+
+    >>> from sft_helpers.models import load_tokenizer                      # doctest: +SKIP
+    >>> chat = [{"role": "user", "content": "2+2?"}, {"role": "assistant", "content": "4"}]
+    >>> example = tokenize_with_masking(chat, load_tokenizer("tiny"))     # doctest: +SKIP
+    >>> tokenizer.decode(example["labels"][example["labels"] != -100])    # doctest: +SKIP
+    '4<|im_end|>'
+
+`naive_tokenize_with_masking` keeps the prefix loop that many tutorials use, to show what
+goes wrong with it (it trains only the last assistant turn). `mask_dataset` builds a
+dataset and drops the examples that truncation leaves with nothing to train; `pad_batch`
+pads a batch without losing the EOS label when the pad token is the EOS token.
+"""
+
+from __future__ import annotations
+
+import bisect
+import re
+from collections.abc import Mapping, Sequence
+
+import torch
+from jinja2.exceptions import TemplateError
+
+IGNORE_INDEX = -100  # CrossEntropyLoss's default ignore_index
+ROLES = ("system", "user", "assistant")
+# Markers put around each assistant content before rendering, removed after. U+E000/U+E001
+# (private use) open/close a span, followed by a plane-15 private-use character that encodes
+# the message index. The edge markers are whitespace for str.strip() (ASCII record/unit
+# separators), so a template that trims contents (`| trim`, Llama 3, Gemma) strips them
+# along with the content's own leading/trailing whitespace: their absence tells us it did.
+_OPEN, _CLOSE = "\ue000", "\ue001"
+_EDGE_LEFT, _EDGE_RIGHT = "\x1e", "\x1f"
+_INDEX_BASE = 0xF0000
+_MAX_MESSAGES = 0xFFFD
+_MARKER = re.compile("([\ue000\ue001])([\U000F0000-\U000FFFFD])")
+_RESERVED = re.compile("[\ue000\ue001\x1e\x1f\U000F0000-\U000FFFFD]")
+
+
+class AllMaskedError(ValueError):
+    """Truncation left a conversation with no trained token: its loss would be NaN or 0."""
+
+
+def _where(index: int | None, message: int | None = None) -> str:
+    parts = [] if index is None else [f"conversation {index}"]
+    if message is not None:
+        parts.append(f"message {message}")
+    return ", ".join(parts) or "conversation"
+
+
+def validate_conversation(conversation, index: int | None = None) -> None:
+    """Raise `ValueError` naming the conversation `index` and the message index when
+    `conversation` is not a non-empty list of {"role", "content"} string mappings with
+    known roles, at least one assistant message and any system message first.
+
+    >>> validate_conversation([{"role": "user", "content": "Hi"}], index=7)
+    Traceback (most recent call last):
+    ...
+    ValueError: conversation 7: no assistant message, so there is nothing to train on
+    """
+    where = _where(index)
+    if not isinstance(conversation, list):
+        raise ValueError(f"{where}: expected a list of messages, got {type(conversation).__name__}")
+    if not conversation:
+        raise ValueError(f"{where}: the conversation is empty")
+    if len(conversation) > _MAX_MESSAGES:
+        raise ValueError(f"{where}: {len(conversation)} messages, more than {_MAX_MESSAGES}")
+    for i, message in enumerate(conversation):
+        where = _where(index, i)
+        if not isinstance(message, Mapping):
+            raise ValueError(
+                f"{where}: expected a mapping with 'role' and 'content', "
+                f"got {type(message).__name__}"
+            )
+        for key in ("role", "content"):
+            if key not in message:
+                raise ValueError(f"{where}: missing {key!r}")
+            if not isinstance(message[key], str):
+                raise ValueError(
+                    f"{where}: {key!r} must be a string, got {type(message[key]).__name__}"
+                )
+        if message["role"] not in ROLES:
+            raise ValueError(f"{where}: unknown role {message['role']!r}; expected one of {ROLES}")
+        if message["role"] == "system" and i != 0:
+            raise ValueError(f"{where}: a system message must come first")
+        if _RESERVED.search(message["content"]):
+            raise ValueError(
+                f"{where}: the content holds a reserved marker character (U+E000, U+E001, "
+                "U+001E, U+001F or plane-15 private use); remove it"
+            )
+    if not any(m["role"] == "assistant" for m in conversation):
+        raise ValueError(f"{_where(index)}: no assistant message, so there is nothing to train on")
+
+
+def _chat_ids(tokenizer, conversation, **kwargs) -> list[int]:
+    """Token ids of `apply_chat_template` (transformers 5 returns a BatchEncoding by default)."""
+    return tokenizer.apply_chat_template(conversation, tokenize=True, return_dict=False, **kwargs)
+
+
+def naive_tokenize_with_masking(conversation, tokenizer, max_length: int = 2048) -> dict:
+    """The prefix loop: for each non-assistant message, render the conversation up to it
+    with the generation prompt and mask that many leading tokens.
+
+    Kept to teach from. Each mask covers everything before the NEXT assistant reply,
+    earlier assistant replies included, so only the last assistant turn is trained; and it
+    renders the template once per non-assistant message (quadratic work in the turns).
+    """
+    full = torch.tensor(_chat_ids(tokenizer, conversation), dtype=torch.long)
+    labels = full.clone()
+    for i, message in enumerate(conversation):
+        if message["role"] == "assistant":
+            continue
+        prefix = _chat_ids(tokenizer, conversation[: i + 1], add_generation_prompt=True)
+        labels[: len(prefix)] = IGNORE_INDEX
+    input_ids = full[:max_length]
+    return {
+        "input_ids": input_ids,
+        "attention_mask": torch.ones_like(input_ids),
+        "labels": labels[:max_length],
+    }
+
+
+def _split_whitespace(text: str) -> tuple[str, str, str]:
+    core = text.strip()
+    if not core:
+        return text, "", ""
+    start = text.index(core)
+    return text[:start], core, text[start + len(core):]
+
+
+def _marked(conversation) -> list[dict]:
+    """The conversation with each assistant content wrapped in span markers."""
+    marked = []
+    for i, message in enumerate(conversation):
+        message = dict(message)
+        if message["role"] == "assistant":
+            lead, core, trail = _split_whitespace(message["content"])
+            tag = chr(_INDEX_BASE + i)
+            message["content"] = (
+                f"{_EDGE_LEFT}{lead}{_OPEN}{tag}{core}{_CLOSE}{tag}{trail}{_EDGE_RIGHT}"
+            )
+        marked.append(message)
+    return marked
+
+
+def _spans_from_markers(marked_text: str, conversation, index: int | None):
+    """(clean text, {message index: (start, end)}) from a rendered marked conversation.
+
+    Raises `ValueError` when the markers show that the template did something to an
+    assistant content other than copy it (optionally trimmed): dropped, repeated,
+    reordered or rewritten it. Then no mask can be trusted.
+    """
+    assistants = [i for i, m in enumerate(conversation) if m["role"] == "assistant"]
+    found: dict[int, list[tuple[str, int]]] = {i: [] for i in assistants}
+    for match in _MARKER.finditer(marked_text):
+        i = ord(match.group(2)) - _INDEX_BASE
+        found.setdefault(i, []).append((match.group(1), match.start()))
+    spans, n_reserved = {}, 0
+    for i in assistants:
+        kinds = [kind for kind, _ in found[i]]
+        if kinds != [_OPEN, _CLOSE]:
+            raise ValueError(
+                f"{_where(index, i)}: the chat template does not write this assistant content "
+                "exactly once (it drops or repeats it), so its span in the rendered text "
+                "cannot be determined"
+            )
+        open_end, close_start = found[i][0][1] + 2, found[i][1][1]
+        lead, core, trail = _split_whitespace(conversation[i]["content"])
+        if marked_text[open_end:close_start] != core:
+            raise ValueError(
+                f"{_where(index, i)}: the chat template rewrites this assistant content, so "
+                "its span in the rendered text cannot be determined"
+            )
+        start, end = open_end - 2, close_start + 2
+        n_reserved += 4
+        # An edge marker still in place means the template kept that side's whitespace.
+        if marked_text[start - len(lead) - 1:start] == _EDGE_LEFT + lead:
+            start -= len(lead) + 1
+            n_reserved += 1
+        if marked_text[end:end + len(trail) + 1] == trail + _EDGE_RIGHT:
+            end += len(trail) + 1
+            n_reserved += 1
+        spans[i] = (start, end)
+    if len(_RESERVED.findall(marked_text)) != n_reserved:
+        raise ValueError(
+            f"{_where(index)}: the chat template moves or copies part of an assistant content, "
+            "so the assistant spans cannot be determined"
+        )
+
+    def clean(position: int) -> int:
+        return position - len(_RESERVED.findall(marked_text, 0, position))
+
+    text = _RESERVED.sub("", marked_text)
+    return text, {i: (clean(start), clean(end)) for i, (start, end) in spans.items()}
+
+
+def _special_ids(tokenizer) -> set[int]:
+    added = {i for i, token in tokenizer.added_tokens_decoder.items() if token.special}
+    return added | set(tokenizer.all_special_ids)
+
+
+def _failing_message(tokenizer, conversation) -> int:
+    """The first message whose arrival makes the template fail (only called on failure)."""
+    for k in range(1, len(conversation)):
+        try:
+            tokenizer.apply_chat_template(conversation[:k], tokenize=False)
+        except TemplateError:
+            return k - 1
+    return len(conversation) - 1
+
+
+def render_marked(conversation, tokenizer, index: int | None = None) -> str:
+    """The conversation rendered once by the tokenizer's template, assistant contents
+    wrapped in span markers. A Jinja error is re-raised as `ValueError` with its context."""
+    try:
+        return tokenizer.apply_chat_template(_marked(conversation), tokenize=False)
+    except TemplateError as error:
+        where = _where(index, _failing_message(tokenizer, conversation))
+        raise ValueError(f"{where}: the chat template refused the conversation: {error}") from error
+
+
+def assistant_spans(conversation, tokenizer, index: int | None = None):
+    """`(text, spans)`: the rendered conversation (exactly what `apply_chat_template`
+    renders) and, for each assistant message index, the (start, end) characters of its
+    content in that text. One template render.
+
+    >>> text, spans = assistant_spans(chat, tokenizer)                     # doctest: +SKIP
+    >>> {i: text[a:b] for i, (a, b) in spans.items()}                      # doctest: +SKIP
+    {1: '4'}
+    """
+    validate_conversation(conversation, index)
+    return _spans_from_markers(render_marked(conversation, tokenizer, index), conversation, index)
+
+
+def _labels(input_ids, offsets, spans, special_ids, index) -> list[int]:
+    """Labels from character spans: every token that overlaps an assistant content (the
+    rule transformers uses for `{% generation %}` spans), plus the end-of-turn token that
+    must start exactly where the content ends."""
+    starts = [a for a, _ in offsets]
+    ends = [b for _, b in offsets]
+    labels = [IGNORE_INDEX] * len(input_ids)
+    for i, (start, end) in spans.items():
+        first = bisect.bisect_right(ends, start)
+        stop = bisect.bisect_left(starts, end)
+        closing = stop if stop < len(input_ids) and starts[stop] == end else None
+        if closing is None or input_ids[closing] not in special_ids:
+            raise ValueError(
+                f"{_where(index, i)}: no special end-of-turn token right after this assistant "
+                "content, so the turn's end cannot be trained (the model would never learn to stop)"
+            )
+        for t in range(first, closing + 1):
+            labels[t] = input_ids[t]
+    return labels
+
+
+def tokenize_with_masking(
+    conversation, tokenizer, max_length: int = 2048, *, index: int | None = None
+) -> dict[str, torch.Tensor]:
+    """`input_ids`, `attention_mask` and `labels` (1-D LongTensors) for one conversation.
+
+    `input_ids` equals `tokenizer.apply_chat_template(conversation)` cut to `max_length`.
+    `labels` equals `input_ids` on every token of every assistant content and on the
+    end-of-turn token that closes it, and is -100 elsewhere (system, user, role headers,
+    anything the template injects). Raises `ValueError` (naming `index` and the message)
+    for bad input or when a span cannot be determined, and `AllMaskedError` when
+    `max_length` cuts away every trained token.
+
+    >>> example = tokenize_with_masking(chat, tokenizer)                    # doctest: +SKIP
+    >>> sorted(example)                                                      # doctest: +SKIP
+    ['attention_mask', 'input_ids', 'labels']
+    """
+    if not isinstance(max_length, int) or max_length < 1:
+        raise ValueError(f"max_length must be a positive int, not {max_length!r}")
+    text, spans = assistant_spans(conversation, tokenizer, index)
+    encoding = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
+    input_ids = encoding["input_ids"]
+    labels = _labels(input_ids, encoding["offset_mapping"], spans, _special_ids(tokenizer), index)
+    if all(label == IGNORE_INDEX for label in labels[:max_length]):
+        first = next(t for t, label in enumerate(labels) if label != IGNORE_INDEX)
+        raise AllMaskedError(
+            f"{_where(index)}: {len(input_ids)} tokens, and max_length={max_length} cuts away "
+            f"every trained token (the first is token {first}); its loss would be NaN"
+        )
+    ids = torch.tensor(input_ids[:max_length], dtype=torch.long)
+    return {
+        "input_ids": ids,
+        "attention_mask": torch.ones_like(ids),
+        "labels": torch.tensor(labels[:max_length], dtype=torch.long),
+    }
+
+
+def mask_dataset(
+    conversations: Sequence, tokenizer, max_length: int = 2048
+) -> tuple[list[dict[str, torch.Tensor]], int]:
+    """`(examples, n_dropped)`: `tokenize_with_masking` on each conversation, dropping
+    those that truncation leaves with no trained token. Bad input still raises.
+
+    >>> examples, n_dropped = mask_dataset(conversations, tokenizer, 512)   # doctest: +SKIP
+    """
+    examples, n_dropped = [], 0
+    for index, conversation in enumerate(conversations):
+        try:
+            examples.append(tokenize_with_masking(conversation, tokenizer, max_length, index=index))
+        except AllMaskedError:
+            n_dropped += 1
+    return examples, n_dropped
+
+
+def pad_batch(
+    examples: Sequence[Mapping[str, torch.Tensor]], pad_token_id: int, padding_side: str = "right"
+) -> dict[str, torch.Tensor]:
+    """Stack examples into 2-D tensors, padding `input_ids` with `pad_token_id`,
+    `attention_mask` with 0 and `labels` with -100.
+
+    Padding is decided by position, never by comparing ids with `pad_token_id`: when the
+    pad token is the EOS token (SmolLM2: both are <|im_end|>), masking every id equal to
+    it would also mask the trained EOS labels, and the model would never learn to stop.
+
+    >>> t = torch.tensor
+    >>> a = {"input_ids": t([5, 2]), "attention_mask": t([1, 1]), "labels": t([-100, 2])}
+    >>> b = {"input_ids": t([7]), "attention_mask": t([1]), "labels": t([7])}
+    >>> batch = pad_batch([a, b], pad_token_id=2)
+    >>> batch["labels"].tolist()
+    [[-100, 2], [7, -100]]
+    """
+    if padding_side not in ("right", "left"):
+        raise ValueError(f"padding_side must be 'right' or 'left', not {padding_side!r}")
+    if not examples:
+        raise ValueError("cannot pad an empty batch")
+    width = max(len(e["input_ids"]) for e in examples)
+    fill = {"input_ids": pad_token_id, "attention_mask": 0, "labels": IGNORE_INDEX}
+    batch = {}
+    for key, value in fill.items():
+        rows = []
+        for example in examples:
+            row = torch.as_tensor(example[key], dtype=torch.long)
+            pad = torch.full((width - len(row),), value, dtype=torch.long)
+            rows.append(torch.cat([row, pad] if padding_side == "right" else [pad, row]))
+        batch[key] = torch.stack(rows)
+    return batch
