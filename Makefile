@@ -1,12 +1,14 @@
 # The course's two commands. Both bootstrap .venv (pip + venv) on first use; a re-run with
 # pyproject.toml unchanged skips the install.
-#   make lab    # install, warm the model cache, start JupyterLab on notebooks/
+#   make lab    # install, warm the model cache, start JupyterLab (opens notebooks/00_setup.ipynb)
 #   make test   # install, warm the model cache, ruff + unit tests + every notebook (nbval)
 VENV ?= .venv
 PYTHON ?= python3
 LAB_ARGS ?=
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
+# Jupyter refuses to start as root (containers, CI) unless told it is intended.
+ROOT_FLAG := $(if $(filter 0,$(shell id -u)),--allow-root)
 
 .PHONY: lab test install warm lint execute
 
@@ -22,7 +24,7 @@ warm: install
 	$(PY) -m sft_helpers.models warm
 
 lab: warm
-	$(VENV)/bin/jupyter lab --notebook-dir=notebooks $(LAB_ARGS)
+	$(VENV)/bin/jupyter lab --ServerApp.root_dir=. --LabApp.default_url=/lab/tree/notebooks/00_setup.ipynb $(ROOT_FLAG) $(LAB_ARGS)
 
 lint: install
 	$(VENV)/bin/ruff check sft_helpers tests bench notebooks

@@ -35,9 +35,10 @@ import sys
 if "google.colab" in sys.modules:
     import subprocess
 
-    subprocess.run(["git", "clone", "--quiet", "--depth=1", "{repository}", "/content/sft-course"])
-    subprocess.run([sys.executable, "/content/sft-course/sft_helpers/install.py", "colab"], check=True)
-    sys.path.insert(0, "/content/sft-course")"""
+    REPOSITORY, COURSE = "{repository}", "/content/sft-course"
+    subprocess.run(["git", "clone", "--quiet", "--depth=1", REPOSITORY, COURSE])
+    subprocess.run([sys.executable, f"{{COURSE}}/sft_helpers/install.py", "colab"], check=True)
+    sys.path.insert(0, COURSE)"""
 
 
 def read_pyproject(root: Path = ROOT) -> dict:
