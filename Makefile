@@ -14,7 +14,6 @@ ROOT_FLAG := $(if $(filter 0,$(shell id -u)),--allow-root)
 
 $(STAMP): pyproject.toml sft_helpers/install.py
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install --quiet --upgrade pip
 	$(PY) sft_helpers/install.py local
 	touch $(STAMP)
 
@@ -32,7 +31,7 @@ lint: install
 # Unit tests and notebooks in one pytest run, offline; nbval-lax checks only the cells
 # marked NBVAL_CHECK_OUTPUT (and that no cell raises).
 test: warm lint
-	HF_HUB_OFFLINE=1 $(PY) -m pytest tests notebooks --nbval-lax --nbval-current-env -p no:randomly
+	HF_HUB_OFFLINE=1 $(PY) -m pytest tests notebooks --nbval-lax --nbval-current-env
 
 # Re-execute notebooks in place from a clean kernel (maintainers): make execute NB=notebooks/02_loss_masking.ipynb
 NB ?= notebooks/*.ipynb
