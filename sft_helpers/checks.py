@@ -40,3 +40,109 @@ def check_t4_dtype(answer: torch.dtype) -> None:
         "a T4 has compute capability 7.5; native bfloat16 needs 8.0 (Ampere) or newer.",
         "float16: the T4 has no native bfloat16, so fp16 (with loss scaling) it is.",
     )
+
+
+# --- 04_lora_math -------------------------------------------------------------------------
+
+
+def check_lora_update(layer: torch.nn.Module, answer: torch.Tensor) -> None:
+    """Exercise 04.1: the weight update of a `LoRALinear`, computed by hand from its A and B."""
+    A, B = layer.lora_A.weight.detach(), layer.lora_B.weight.detach()
+    expected = layer.scaling * (B @ A)
+    answer = torch.as_tensor(answer).detach()
+    if answer.shape != expected.shape:
+        _verdict(False, f"the update has the base weight's shape {tuple(expected.shape)} "
+                 "(out x in): it is B @ A, not A @ B.", "")
+    if torch.allclose(answer, B @ A) and layer.scaling != 1:
+        _verdict(False, "B @ A is the direction; multiply it by the scaling alpha / r.", "")
+    if torch.allclose(answer, layer.alpha * (B @ A)) and layer.scaling != layer.alpha:
+        _verdict(False, "the factor is alpha / r, not alpha.", "")
+    _verdict(
+        torch.allclose(answer, expected, atol=1e-6),
+        "compute (alpha / r) * B @ A from layer.lora_B.weight and layer.lora_A.weight.",
+        f"delta W = ({layer.alpha} / {layer.r}) * B @ A, shape {tuple(expected.shape)}.",
+    )
+
+
+def check_qwen_lora_count(answer: int) -> None:
+    """Exercise 04.2: LoRA parameters of Qwen2.5-7B at r=8 on q_proj and v_proj."""
+    from sft_helpers.architectures import load_config
+    from sft_helpers.lora import count_lora_parameters
+
+    config = load_config("qwen2.5-7b")
+    expected = count_lora_parameters(config, 8, ["q_proj", "v_proj"])
+    hidden, layers = config.hidden_size, config.num_hidden_layers
+    if answer == expected // layers:
+        _verdict(False, f"that is one decoder layer; the model has {layers}.", "")
+    if answer == layers * 2 * 8 * (hidden + hidden):
+        _verdict(False, "v_proj is not square: with grouped-query attention it maps "
+                 f"{hidden} to num_key_value_heads * head_dim = 4 * 128 = 512.", "")
+    _verdict(
+        isinstance(answer, int) and answer == expected,
+        "each adapter holds r * (in + out); add q_proj and v_proj, then multiply by the layers.",
+        f"{expected:,} = 28 layers x 8 x ((3584 + 3584) + (3584 + 512)).",
+    )
+
+
+def check_max_rank(answer: int) -> None:
+    """Exercise 04.3: the largest rank whose all-linear LoRA stays within 1% of Llama-3-8B."""
+    from sft_helpers.architectures import load_config
+    from sft_helpers.lora import count_lora_parameters, count_parameters
+
+    config = load_config("llama-3-8b")
+    budget = count_parameters(config) / 100
+    valid = isinstance(answer, int) and not isinstance(answer, bool) and answer > 0
+    fits = valid and count_lora_parameters(config, answer) <= budget
+    if fits and count_lora_parameters(config, answer + 1) <= budget:
+        _verdict(False, f"rank {answer} fits, but a larger one does too: the count is linear in r.",
+                 "")
+    used = count_lora_parameters(config, answer) if fits else 0
+    _verdict(
+        fits,
+        "LoRA parameters grow linearly with r: find the largest r with "
+        "count_lora_parameters(config, r) <= count_parameters(config) / 100.",
+        f"r = {answer}: {used:,} <= {budget:,.0f}.",
+    )
+
+
+def check_energy_rank(singular_values: torch.Tensor, answer: int) -> None:
+    """Exercise 04.4: how many singular values hold 90% of a matrix's energy (sum of s^2)."""
+    energy = singular_values.detach().double() ** 2
+    cumulative = energy.cumsum(0) / energy.sum()
+    expected = int((cumulative < 0.9).sum()) + 1
+    plain = singular_values.detach().double().cumsum(0) / singular_values.sum()
+    if answer == int((plain < 0.9).sum()) + 1 and answer != expected:
+        _verdict(False, "the energy of a singular value is its square: use s ** 2.", "")
+    _verdict(
+        answer == expected,
+        "square the singular values, take the cumulative sum over the total, and count how "
+        "many you need to reach 0.9.",
+        f"the top {expected} of {len(singular_values)} singular values hold 90% of the energy.",
+    )
+
+
+def check_unmerged(layer: torch.nn.Module, original_weight: torch.Tensor) -> None:
+    """Exercise 04.5: a `LoRALinear` merged and unmerged again has its base weight back."""
+    if layer.merged:
+        _verdict(False, "the layer is still merged: call layer.unmerge().", "")
+    moved = not torch.allclose(layer.base.weight, original_weight, atol=1e-6)
+    _verdict(
+        not moved and bool(layer.lora_B.weight.any()),
+        "give B non-zero values before merging (with B = 0 a merge changes nothing), keep a "
+        "copy of layer.base.weight from before the merge and pass that copy.",
+        "merge() added (alpha / r) * B @ A to W and unmerge() took it out again.",
+    )
+
+
+def check_rslora_alpha(answer: float) -> None:
+    """Exercise 04.6: the rsLoRA alpha at r=64 that matches LoRA's scaling at r=16, alpha=32."""
+    from sft_helpers.lora import lora_scaling
+
+    target = lora_scaling(32, 16)
+    if answer == 32 * 64 / 16:
+        _verdict(False, "that keeps alpha / r; rsLoRA divides alpha by sqrt(r).", "")
+    _verdict(
+        abs(lora_scaling(answer, 64, use_rslora=True) - target) < 1e-9,
+        f"solve alpha / sqrt(64) = {target:g} for alpha.",
+        f"alpha = {answer:g}: {answer:g} / sqrt(64) = {target:g} = 32 / 16.",
+    )
