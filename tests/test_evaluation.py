@@ -1,0 +1,299 @@
+"""Evaluation: batched generation equals one-by-one, metrics on hand-made cases, judge checks."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from sft_helpers import evaluation as ev
+from sft_helpers.models import load_model
+
+PROMPTS = [
+    {"instruction": "Hi", "reference": "Hello."},
+    {"instruction": "What is the capital of France, and why is it that city?"},
+    {"instruction": "2+2?", "reference": "4"},
+]
+HELD_OUT = [
+    [{"role": "user", "content": question}, {"role": "assistant", "content": answer}]
+    for question, answer in [
+        ("2+2?", "4"),
+        ("Name a colour.", "Blue, like the sky."),
+        ("Say hi", "Hi there, how are you today?"),
+    ]
+]
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    """The tiny profile with larger random weights. As initialised, its greedy reply to every
+    prompt is a run of newlines, which would make "batched equals one-by-one" hold trivially;
+    these weights give each prompt its own varied reply."""
+    model, tokenizer = load_model("tiny")
+    torch.manual_seed(0)
+    with torch.no_grad():
+        for name, weight in model.named_parameters():
+            if weight.dim() == 2:
+                weight.normal_(0.0, 0.5 if "embed" in name else 0.2)
+    return model, tokenizer
+
+
+def _generate(tiny, prompts=PROMPTS, **kwargs):
+    model, tokenizer = tiny
+    options = {"max_new_tokens": 8, "do_sample": False, "progress": False} | kwargs
+    return ev.evaluate_sft_model(model, tokenizer, prompts, **options)
+
+
+# --- generation ------------------------------------------------------------------------
+
+
+def test_batched_greedy_equals_one_by_one(tiny):
+    batched = _generate(tiny, batch_size=3)
+    single = _generate(tiny, batch_size=1)
+    # The prompts have different lengths, so the batch really is padded.
+    assert [r["generated"] for r in batched] == [r["generated"] for r in single]
+    assert len({r["generated"] for r in batched}) == len(PROMPTS)
+
+
+def test_records_follow_the_contract(tiny):
+    records = _generate(tiny)
+    assert [r["instruction"] for r in records] == [p["instruction"] for p in PROMPTS]
+    assert [r["expected"] for r in records] == ["Hello.", None, "4"]
+    # The random tiny model never closes its turn: every reply runs to the budget.
+    assert {r["stop_reason"] for r in records} == {ev.STOP_LENGTH}
+    assert {r["n_tokens"] for r in records} == {8}
+
+
+def test_stop_reason_is_eos_when_a_stop_token_is_generated(tiny):
+    model, tokenizer = tiny
+    prompt = tokenizer.apply_chat_template(
+        ev.prompt_messages(PROMPTS[0]), add_generation_prompt=True, return_tensors="pt",
+        return_dict=True,
+    )
+    with torch.no_grad():
+        output = model.generate(**prompt, max_new_tokens=8, do_sample=False)
+    ids = output[0, prompt["input_ids"].shape[1]:].tolist()
+    # Declare the 4th greedy token a stop token: generation must end there, cut before it.
+    fourth = ids[3]
+    assert fourth not in ids[:3]
+    original = model.generation_config.eos_token_id
+    model.generation_config.eos_token_id = [original, fourth]
+    try:
+        record = _generate(tiny, prompts=PROMPTS[:1])[0]
+    finally:
+        model.generation_config.eos_token_id = original
+    assert record["stop_reason"] == ev.STOP_EOS
+    assert record["n_tokens"] == 3
+    assert record["generated"] == tokenizer.decode(ids[:3])
+
+
+def test_sampling_is_seeded(tiny):
+    first = _generate(tiny, do_sample=True, temperature=1.0, seed=1)
+    again = _generate(tiny, do_sample=True, temperature=1.0, seed=1)
+    other = _generate(tiny, do_sample=True, temperature=1.0, seed=2)
+    assert [r["generated"] for r in first] == [r["generated"] for r in again]
+    assert [r["generated"] for r in first] != [r["generated"] for r in other]
+
+
+def test_a_system_message_reaches_the_prompt():
+    messages = ev.prompt_messages({"instruction": "Hi", "system": "You are Pip."})
+    assert messages == [
+        {"role": "system", "content": "You are Pip."},
+        {"role": "user", "content": "Hi"},
+    ]
+
+
+@pytest.mark.parametrize(
+    ("prompts", "kwargs", "error", "message"),
+    [
+        ([], {}, ValueError, "eval_prompts is empty"),
+        ([{"instruction": "Hi"}, {"prompt": "Hi"}], {}, ValueError, r"\[1\] has no 'instruction'"),
+        ([{"instruction": "  "}], {}, ValueError, r"eval_prompts\[0\] has no 'instruction'"),
+        (["Hi"], {}, TypeError, r"eval_prompts\[0\] must be a dict"),
+        ("Hi", {}, TypeError, "must be a list of dicts"),
+        ([{"instruction": "Hi"}], {"max_new_tokens": 0}, ValueError, "max_new_tokens"),
+        ([{"instruction": "Hi"}], {"batch_size": 0}, ValueError, "batch_size"),
+        ([{"instruction": "Hi"}], {"do_sample": True, "temperature": 0.0}, ValueError, "> 0"),
+    ],
+)
+def test_bad_input_gets_a_clear_error(tiny, prompts, kwargs, error, message):
+    with pytest.raises(error, match=message):
+        _generate(tiny, prompts=prompts, **kwargs)
+
+
+# --- metrics ---------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("generated", "reference", "expected"),
+    [
+        ("Paris.", "paris", True),
+        ("  The   Answer: 42! ", "the answer 42", True),
+        ("Paris is the capital.", "Paris", False),
+        ("4", "four", False),
+    ],
+)
+def test_exact_match(generated, reference, expected):
+    assert ev.exact_match(generated, reference) is expected
+
+
+@pytest.mark.parametrize(
+    ("generated", "reference", "expected"),
+    [
+        # LCS "the cat on the mat" = 5 of 6 words each way: P = R = F1 = 5/6.
+        ("the cat sat on the mat", "the cat is on the mat", 5 / 6),
+        # LCS 2 ("a c"): P = 2/3, R = 2/2, F1 = 0.8. Order matters: not a bag of words.
+        ("a b c", "a c", 0.8),
+        ("c b a", "a b c", 1 / 3),
+        ("Same words.", "same WORDS", 1.0),
+        ("nothing shared", "at all", 0.0),
+        ("", "reference", 0.0),
+    ],
+)
+def test_rouge_l(generated, reference, expected):
+    assert ev.rouge_l(generated, reference) == pytest.approx(expected)
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        ("I'm sorry, but I can't help with that.", True),
+        ("I cannot provide that information.", True),
+        ("As an AI, I don't have opinions.", True),
+        ("I am unable to browse the web.", True),
+        ("Paris is the capital of France.", False),
+        ("You can't divide by zero: the result is undefined.", False),
+        ("I can help with that: the answer is 4.", False),
+    ],
+)
+def test_is_refusal(text, expected):
+    assert ev.is_refusal(text) is expected
+
+
+def _record(generated, stop=ev.STOP_EOS, expected=None, n_tokens=5):
+    return {"instruction": "q", "expected": expected, "generated": generated,
+            "n_tokens": n_tokens, "stop_reason": stop}
+
+
+def test_generation_metrics_on_hand_made_records():
+    records = [
+        _record("Paris.", expected="Paris", n_tokens=2),
+        _record("I cannot answer that.", expected="4", n_tokens=6),
+        _record("blah blah blah", stop=ev.STOP_LENGTH, n_tokens=10),
+    ]
+    metrics = ev.generation_metrics(records, {"short": lambda reply: len(reply) < 10})
+    assert metrics["short"] == pytest.approx(1 / 3)
+    assert metrics["stop rate"] == pytest.approx(2 / 3)
+    # Only the two records with a reference count for exact match and ROUGE-L.
+    assert metrics["exact match"] == pytest.approx(0.5)
+    assert metrics["ROUGE-L"] == pytest.approx(0.5)
+    assert metrics["refusals"] == pytest.approx(1 / 3)
+    assert metrics["mean tokens"] == pytest.approx(6.0)
+
+
+def test_metrics_refuse_empty_results():
+    with pytest.raises(ValueError, match="no results"):
+        ev.generation_metrics([], {})
+    with pytest.raises(ValueError, match="no results"):
+        ev.stop_rate([])
+
+
+def test_compare_models_puts_models_side_by_side():
+    results = {"base": [_record("x", stop=ev.STOP_LENGTH)], "tuned": [_record("x")]}
+    losses = {
+        "base": {"loss": 2.0, "perplexity": math.exp(2.0)},
+        "tuned": {"loss": 1.0, "perplexity": math.e},
+    }
+    table = ev.compare_models(results, {}, losses)
+    assert list(table.index) == ["base", "tuned"]
+    assert table.loc["base", "stop rate"] == 0.0 and table.loc["tuned", "stop rate"] == 1.0
+    assert table.loc["tuned", "perplexity"] == pytest.approx(math.e)
+    with pytest.raises(KeyError, match="no eval loss for model 'tuned'"):
+        ev.compare_models(results, {}, {"base": losses["base"]})
+    with pytest.raises(ValueError, match="at least one model"):
+        ev.compare_models({}, {})
+
+
+def test_eval_loss_is_per_token_and_independent_of_batch_size(tiny):
+    model, tokenizer = tiny
+    whole = ev.eval_loss(model, tokenizer, HELD_OUT, batch_size=3)
+    single = ev.eval_loss(model, tokenizer, HELD_OUT, batch_size=1)
+    assert whole["loss"] == pytest.approx(single["loss"], rel=1e-5)
+    assert whole["perplexity"] == pytest.approx(math.exp(whole["loss"]))
+    # Same number as transformers' own loss, token-weighted over the conversations.
+    from sft_helpers.masking import tokenize_with_masking
+
+    total, count = 0.0, 0
+    for conversation in HELD_OUT:
+        example = tokenize_with_masking(conversation, tokenizer)
+        with torch.no_grad():
+            out = model(input_ids=example["input_ids"][None], labels=example["labels"][None])
+        n = int((example["labels"][1:] != -100).sum())
+        total, count = total + out.loss.item() * n, count + n
+    assert whole["tokens"] == count
+    assert whole["loss"] == pytest.approx(total / count, rel=1e-5)
+    with pytest.raises(ValueError, match="at least one"):
+        ev.eval_loss(model, tokenizer, [])
+
+
+# --- judge -----------------------------------------------------------------------------
+
+
+def _always_first(prompts):
+    return [1.0] * len(prompts)
+
+
+def _prefers_longer(prompts):
+    # A fair (if shallow) judge: it looks at the answers, not at their slots.
+    def answer(prompt, letter, end):
+        return prompt.split(f"Answer {letter}:\n")[1].split(end)[0]
+
+    return [
+        float(len(answer(p, "A", "\n\nAnswer B")) > len(answer(p, "B", "\n\nWhich")))
+        for p in prompts
+    ]
+
+
+QUESTIONS = ["q1", "q2", "q3"]
+LONG = ["a long answer", "another long one", "yet another long one"]
+SHORT = ["short", "tiny", "brief"]
+
+
+def test_position_bias_catches_a_judge_that_picks_the_first_slot():
+    bias = ev.position_bias(_always_first, QUESTIONS, LONG, SHORT)
+    assert bias["first_wins"] == 1.0
+    assert bias["consistency"] == 0.0
+    assert bias["p_a"] == [0.5, 0.5, 0.5]
+
+
+def test_position_bias_passes_a_judge_that_reads_the_answers():
+    bias = ev.position_bias(_prefers_longer, QUESTIONS, LONG, SHORT)
+    assert bias["first_wins"] == 0.5
+    assert bias["consistency"] == 1.0
+    assert bias["p_a"] == [1.0, 1.0, 1.0]
+
+
+def test_judge_agreement_counts_only_pairs_the_metric_decides():
+    agreement = ev.judge_agreement([0.9, 0.2, 0.7, 0.4], [1, 0, 0, 1], [0, 1, 1, 1])
+    assert agreement == {"agreement": 2 / 3, "pairs": 3}
+    with pytest.raises(ValueError, match="ties on every pair"):
+        ev.judge_agreement([0.9], [1], [1])
+    with pytest.raises(ValueError, match="lengths differ"):
+        ev.judge_agreement([0.9], [1, 0], [0, 1])
+
+
+def test_judge_pairs_rejects_mismatched_lists():
+    with pytest.raises(ValueError, match="2 instructions, 1 A answers"):
+        ev.judge_pairs(_always_first, ["q", "r"], ["a"], ["b"])
+    with pytest.raises(ValueError, match="no answer pairs"):
+        ev.judge_pairs(_always_first, [], [], [])
+
+
+def test_model_judge_gives_a_probability_per_prompt_batched_or_not(tiny):
+    model, tokenizer = tiny
+    prompts = [ev.judge_prompt(q, a, b) for q, a, b in zip(QUESTIONS, LONG, SHORT, strict=True)]
+    batched = ev.model_judge(model, tokenizer, batch_size=3)(prompts)
+    single = ev.model_judge(model, tokenizer, batch_size=1)(prompts)
+    assert len(batched) == 3 and all(0.0 < p < 1.0 for p in batched)
+    assert batched == pytest.approx(single, abs=1e-5)
