@@ -146,3 +146,127 @@ def check_rslora_alpha(answer: float) -> None:
         f"solve alpha / sqrt(64) = {target:g} for alpha.",
         f"alpha = {answer:g}: {answer:g} / sqrt(64) = {target:g} = 32 / 16.",
     )
+
+
+# --- 01_chat_templates -------------------------------------------------------------------
+
+
+def check_template_overhead(tokenizer, messages: list[dict], answer: int) -> None:
+    """Exercise 01.1: how many tokens the chat template adds around `messages` when asking
+    for a reply (the templated prompt minus the tokens of the messages' contents)."""
+    prompt = tokenizer.apply_chat_template(messages, add_generation_prompt=True, return_dict=False)
+    contents = sum(len(tokenizer.encode(m["content"], add_special_tokens=False)) for m in messages)
+    expected = len(prompt) - contents
+    _verdict(
+        answer == expected,
+        "tokenize the prompt with apply_chat_template(messages, add_generation_prompt=True) and "
+        "subtract the tokens of each message's content, encoded with add_special_tokens=False; "
+        "don't forget the system prompt the template injects.",
+        f"{expected} of the prompt's {len(prompt)} tokens come from the template.",
+    )
+
+
+def check_generation_prompt(template: str, answer: str) -> None:
+    """Exercise 01.2: the text that `add_generation_prompt=True` appends for `template`."""
+    from sft_helpers.templates import TEMPLATE_TOKENS, render
+
+    prompt = [{"role": "user", "content": "Hello"}]
+    generating = render(prompt, template, add_generation_prompt=True)
+    training = render(prompt, template)
+    if not generating.startswith(training):  # Phi-3: the generation prompt replaces a final EOS
+        training = training.removesuffix(TEMPLATE_TOKENS[template]["eos_token"])
+    expected = generating.removeprefix(training)
+    _verdict(
+        answer == expected,
+        f"render a one-message conversation with render(..., {template!r}) twice, with and "
+        "without add_generation_prompt=True, and take what the first one adds (mind the "
+        "newlines).",
+        f"{expected!r}: the header that asks the assistant to speak.",
+    )
+
+
+def check_single_bos(tokenizer, conversation: list[dict], ids: list[int]) -> None:
+    """Exercise 01.3: token ids of `conversation` with exactly one BOS token."""
+    expected = tokenizer.apply_chat_template(conversation, return_dict=False)
+    ids = [int(i) for i in ids]
+    n_bos = ids.count(tokenizer.bos_token_id)
+    hint = (
+        f"your ids hold {n_bos} BOS tokens: the rendered text already starts with "
+        f"{tokenizer.bos_token}, so tokenize it with add_special_tokens=False (or let "
+        "apply_chat_template tokenize)."
+        if n_bos != 1
+        else "tokenize the text that apply_chat_template(..., tokenize=False) renders."
+    )
+    _verdict(ids == expected, hint, f"{len(ids)} tokens and one {tokenizer.bos_token}.")
+
+
+# --- 02_loss_masking ---------------------------------------------------------------------
+
+
+def check_masked_loss(logits: torch.Tensor, labels: torch.Tensor, answer: float) -> None:
+    """Exercise 02.1: the mean cross-entropy over the positions whose label is not -100."""
+    expected = torch.nn.functional.cross_entropy(logits, labels, ignore_index=-100).item()
+    unmasked_mean = torch.nn.functional.cross_entropy(
+        logits, labels.clamp(min=0), reduction="mean"
+    ).item()
+    if abs(float(answer) - unmasked_mean) < 1e-4 and abs(unmasked_mean - expected) > 1e-4:
+        _verdict(False, "you averaged over every position; leave out those labelled -100.", "")
+    _verdict(
+        abs(float(answer) - expected) < 1e-4,
+        "take -log(softmax(logits)[label]) at each position whose label is not -100, then "
+        "divide their sum by the number of such positions (not by all positions).",
+        f"{expected:.4f}, as CrossEntropyLoss(ignore_index=-100) computes.",
+    )
+
+
+def check_assistant_labels(conversation: list[dict], tokenizer, labels) -> None:
+    """Exercise 02.2: labels for `conversation` that train exactly the assistant replies
+    and the end-of-turn tokens that close them."""
+    from sft_helpers.masking import IGNORE_INDEX, tokenize_with_masking
+
+    reference = tokenize_with_masking(conversation, tokenizer)
+    expected, ids = reference["labels"].tolist(), reference["input_ids"].tolist()
+    labels = [int(label) for label in labels]
+    if len(labels) != len(expected):
+        _verdict(False, f"one label per token: {len(expected)} tokens, not {len(labels)}.", "")
+    trained = {t for t, label in enumerate(labels) if label != IGNORE_INDEX}
+    wanted = {t for t, label in enumerate(expected) if label != IGNORE_INDEX}
+    extra, missing = sorted(trained - wanted), sorted(wanted - trained)
+    if extra:
+        text = tokenizer.decode([ids[t] for t in extra])
+        _verdict(False, f"these tokens are trained but must be -100: {text!r}.", "")
+    if missing:
+        text = tokenizer.decode([ids[t] for t in missing])
+        _verdict(False, f"these tokens must be trained: {text!r} (every reply, and its "
+                 f"{tokenizer.eos_token}).", "")
+    _verdict(
+        labels == expected,
+        "a trained position's label is its own token id (the model shifts labels itself).",
+        f"{len(wanted)} trained tokens: every reply and the {tokenizer.eos_token} closing it.",
+    )
+
+
+def check_padded_batch(batch: dict, examples: list[dict], pad_token_id: int) -> None:
+    """Exercise 02.3: `examples` padded on the right without losing a trained label."""
+    from sft_helpers.masking import pad_batch
+
+    expected = pad_batch(examples, pad_token_id)
+    if set(batch) != set(expected):
+        _verdict(False, f"the batch needs the keys {sorted(expected)}.", "")
+    n_labels = sum(int((e["labels"] != -100).sum()) for e in examples)
+    kept = int((torch.as_tensor(batch["labels"]) != -100).sum())
+    if kept < n_labels:
+        _verdict(
+            False,
+            f"{n_labels - kept} trained labels were lost. Did you set labels to -100 wherever "
+            "input_ids == pad_token_id? Here pad is EOS, so that masks the EOS labels too: "
+            "pad by position instead.",
+            "",
+        )
+    same = all(torch.equal(torch.as_tensor(batch[k]), expected[k]) for k in expected)
+    _verdict(
+        same,
+        "pad input_ids with pad_token_id, attention_mask with 0 and labels with -100, all on "
+        "the right.",
+        f"{n_labels} trained labels kept, padding masked and ignored.",
+    )
