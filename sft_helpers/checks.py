@@ -270,3 +270,109 @@ def check_padded_batch(batch: dict, examples: list[dict], pad_token_id: int) -> 
         "the right.",
         f"{n_labels} trained labels kept, padding masked and ignored.",
     )
+
+
+# --- 06_data_quality ---------------------------------------------------------------------
+
+
+def check_multi_turn_share(conversations, answer: float) -> None:
+    """Exercise 06.1: the share of conversations with more than one assistant turn."""
+    counts = [sum(m["role"] == "assistant" for m in c) for c in conversations]
+    expected = sum(n > 1 for n in counts) / len(counts)
+    _verdict(
+        isinstance(answer, float) and abs(answer - expected) < 1e-9,
+        "count the assistant messages of each conversation, keep those with more than one, "
+        "and divide by the number of conversations (a float between 0 and 1).",
+        f"{expected:.1%} of the conversations have more than one assistant turn.",
+    )
+
+
+def check_baseline_score(example: dict, answer: float) -> None:
+    """Exercise 06.2: the baseline heuristic's score of `example`, predicted by hand."""
+    from sft_helpers.quality import score_sft_example
+
+    expected = score_sft_example(example)
+    _verdict(
+        isinstance(answer, (int, float)) and abs(answer - expected) < 1e-9,
+        "start at 1.0: -0.5 under 5 words, -0.2 over 50x the instruction's words, -0.3 for "
+        "an opener from BASELINE_OPENERS (case-sensitive), -0.1 for 'I believe' in the "
+        "first 50 characters or '[CITATION NEEDED]'.",
+        f"the baseline scores it {expected:g}.",
+    )
+
+
+OPENER_CASES = (
+    ("Sure! The answer is 4.", True),
+    ("Certainly, here is the answer: 4.", True),
+    ("What a great question! It is 4.", True),
+    ("ABSOLUTELY! It is 4.", True),
+    ("Surely you know it is 4.", False),
+    ("4.\n\n### Details\nSure enough, 2 + 2 = 4.", False),
+    ("Of course water boils at 100 C.", False),
+)
+
+
+def check_opener_rule(rule) -> None:
+    """Exercise 06.3: `rule(reply) -> bool` flags sycophantic openers and nothing else."""
+    for reply, expected in OPENER_CASES:
+        got = rule(reply)
+        if got is not expected:
+            _verdict(
+                False,
+                f"rule({reply!r}) returned {got!r}, expected {expected}. Look only at the start "
+                "of the reply, ignore case, and require the opener to be a whole word "
+                "followed by punctuation.",
+                "",
+            )
+    _verdict(True, "", f"your rule gets all {len(OPENER_CASES)} cases right.")
+
+
+def check_lsh_candidate_probability(answer: float, jaccard: float, rows: int, bands: int) -> None:
+    """Exercise 06.4: P(a pair with this Jaccard similarity becomes an LSH candidate)."""
+    expected = 1 - (1 - jaccard**rows) ** bands
+    if abs(answer - jaccard**rows) < 1e-9:
+        _verdict(False, "that is one band; the pair needs to match in at least one of them.", "")
+    _verdict(
+        isinstance(answer, float) and abs(answer - expected) < 1e-9,
+        "one band matches with probability J**rows; no band matches with (1 - J**rows)**bands.",
+        f"{expected:.4f}.",
+    )
+
+
+def check_longest_shared_ngram(text_a: str, text_b: str, answer: int) -> None:
+    """Exercise 06.5: the largest n for which the texts share a word n-gram (after
+    `quality.word_ngrams` normalisation)."""
+    from sft_helpers.quality import word_ngrams
+
+    shared = (
+        n
+        for n in range(1, len(text_a.split()) + 1)
+        if set(word_ngrams(text_a, n)) & set(word_ngrams(text_b, n))
+    )
+    longest = max(shared, default=0)
+    _verdict(
+        isinstance(answer, int) and answer == longest,
+        "try word_ngrams(text, n) for growing n and keep the last n with a common n-gram.",
+        f"n = {longest}: a filter with a longer n-gram would miss this overlap.",
+    )
+
+
+def check_precision_recall(flagged, labels, defect: str, answer: tuple) -> None:
+    """Exercise 06.6: (precision, recall) of the flags for one defect label."""
+    from sft_helpers.quality import precision_recall
+
+    expected = precision_recall(flagged, labels, defect)
+
+    def close(a, b) -> bool:
+        return len(a) == len(b) == 2 and all(
+            x is y or (x is not None and y is not None and abs(x - y) < 1e-9)
+            for x, y in zip(a, b, strict=True)
+        )
+
+    if close(tuple(answer), expected[::-1]) and not close(expected, expected[::-1]):
+        _verdict(False, "you swapped them: precision comes first.", "")
+    _verdict(
+        close(tuple(answer), expected),
+        "precision = flagged AND labelled / flagged; recall = flagged AND labelled / labelled.",
+        "precision {}, recall {}.".format(*("n/a" if v is None else f"{v:.2f}" for v in expected)),
+    )
