@@ -376,3 +376,69 @@ def check_precision_recall(flagged, labels, defect: str, answer: tuple) -> None:
         "precision = flagged AND labelled / flagged; recall = flagged AND labelled / labelled.",
         "precision {}, recall {}.".format(*("n/a" if v is None else f"{v:.2f}" for v in expected)),
     )
+
+
+# --- 07_evaluation -----------------------------------------------------------------------
+
+
+def check_stop_rate(results, answer: float) -> None:
+    """Exercise 07.1: the fraction of `evaluate_sft_model` records that ended with EOS."""
+    from sft_helpers.evaluation import stop_rate
+
+    expected = stop_rate(results)
+    _verdict(
+        isinstance(answer, int | float) and abs(answer - expected) < 1e-9,
+        "count the records whose 'stop_reason' is 'eos' and divide by the number of records "
+        "(a reply cut off by max_new_tokens did not stop by itself).",
+        f"{expected:.2f} of the replies closed their turn.",
+    )
+
+
+def check_rouge_l(generated: str, reference: str, answer: float) -> None:
+    """Exercise 07.2: ROUGE-L F1 of `generated` against `reference`, computed by hand."""
+    from sft_helpers.evaluation import rouge_l
+
+    expected = rouge_l(generated, reference)
+    _verdict(
+        isinstance(answer, int | float) and abs(answer - expected) < 1e-6,
+        "find the longest common subsequence of the lower-cased words (in order, gaps "
+        "allowed); precision = LCS / generated words, recall = LCS / reference words, "
+        "F1 = 2PR / (P + R).",
+        f"ROUGE-L = {expected:.3f}.",
+    )
+
+
+def check_never_stops(table, answer: str) -> None:
+    """Exercise 07.3: the row of the before/after table whose model stops least often."""
+    expected = table["stop rate"].idxmin()
+    _verdict(
+        answer == expected,
+        "read the 'stop rate' column: which training mistake took the EOS label away, "
+        "so that the model never saw an example of ending its turn?",
+        f"{expected!r}: its stop rate is {table.loc[expected, 'stop rate']:.2f}.",
+    )
+
+
+def check_greedy_distinct(answer: int) -> None:
+    """Exercise 07.4: distinct replies greedy decoding gives one prompt over 3 seeds."""
+    _verdict(
+        answer == 1,
+        "greedy decoding takes the most likely token at every step; does the seed enter "
+        "that choice anywhere?",
+        "1: greedy decoding ignores the seed, so its variance across seeds is zero.",
+    )
+
+
+def check_debiased_preference(p_a_first: float, p_b_first: float, answer: float) -> None:
+    """Exercise 07.5: P(A better), averaged over both orders, from the two judge calls.
+
+    `p_a_first` is the judge's P(first answer better) with A first; `p_b_first` the same
+    with B shown first.
+    """
+    expected = (p_a_first + 1 - p_b_first) / 2
+    _verdict(
+        isinstance(answer, int | float) and abs(answer - expected) < 1e-9,
+        "with B shown first, the judge's P(A better) is 1 - p_b_first; average that with "
+        "p_a_first.",
+        f"{expected:.3f}: a constant preference for the first slot cancels in the average.",
+    )
