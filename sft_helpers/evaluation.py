@@ -64,7 +64,10 @@ Judge = Callable[[Sequence[str]], list[float]]
 
 
 def prompt_messages(item: Mapping, index: int | None = None) -> list[dict[str, str]]:
-    """The chat messages for one evaluation item: its optional `system`, then `instruction`.
+    """The chat messages for one evaluation item.
+
+    An item is either `{"instruction": ..., "system": ... (optional)}` or, for a
+    conversation already under way, `{"messages": [..., {"role": "user", ...}]}`.
 
     >>> prompt_messages({"instruction": "2+2?"})
     [{'role': 'user', 'content': '2+2?'}]
@@ -72,9 +75,18 @@ def prompt_messages(item: Mapping, index: int | None = None) -> list[dict[str, s
     where = "eval_prompts" if index is None else f"eval_prompts[{index}]"
     if not isinstance(item, Mapping):
         raise TypeError(f"{where} must be a dict with an 'instruction', not {type(item).__name__}")
+    if "messages" in item:
+        messages = list(item["messages"])
+        last = messages[-1] if messages else None
+        if not isinstance(last, Mapping) or last.get("role") != "user":
+            raise ValueError(f"{where}: 'messages' must end with a user message to answer")
+        return messages
     instruction = item.get("instruction")
     if not isinstance(instruction, str) or not instruction.strip():
-        raise ValueError(f"{where} has no 'instruction' (a non-empty string); keys: {sorted(item)}")
+        raise ValueError(
+            f"{where} has no 'instruction' (a non-empty string) and no 'messages'; "
+            f"keys: {sorted(item)}"
+        )
     system = item.get("system")
     head = [{"role": "system", "content": system}] if system else []
     return head + [{"role": "user", "content": instruction}]
@@ -137,21 +149,21 @@ def evaluate_sft_model(
 ) -> list[dict]:
     """Generate a reply to each prompt; one record per prompt, in order.
 
-    Each record holds `instruction`, `expected` (the item's `reference`, or None),
-    `generated` (the decoded reply, special tokens dropped), `n_tokens` (tokens before the
-    stop token) and `stop_reason`: "eos" when the model closed its turn, "max_new_tokens"
-    when the budget cut it off. Batches are left-padded; the run is seeded with `seed`.
+    Each record holds `instruction` (the user message answered), `expected` (the item's
+    `reference`, or None), `generated` (the decoded reply, special tokens dropped),
+    `n_tokens` (tokens before the stop token) and `stop_reason`: "eos" when the model
+    closed its turn, "max_new_tokens" when the budget cut it off. Batches are left-padded;
+    the run is seeded with `seed`.
 
     >>> records = evaluate_sft_model(model, tokenizer, [{"instruction": "Hi"}])  # doctest: +SKIP
     >>> records[0]["stop_reason"], records[0]["n_tokens"]                      # doctest: +SKIP
     ('eos', 9)
     """
     _check_generation_args(eval_prompts, max_new_tokens, temperature, do_sample, batch_size)
+    chats = [prompt_messages(item, i) for i, item in enumerate(eval_prompts)]
     texts = [
-        tokenizer.apply_chat_template(
-            prompt_messages(item, i), tokenize=False, add_generation_prompt=True
-        )
-        for i, item in enumerate(eval_prompts)
+        tokenizer.apply_chat_template(chat, tokenize=False, add_generation_prompt=True)
+        for chat in chats
     ]
     config = _generation_config(model, tokenizer, max_new_tokens, temperature, do_sample)
     stop_ids = _stop_ids(model, tokenizer)
@@ -164,11 +176,13 @@ def evaluate_sft_model(
         with torch.no_grad():
             output = model.generate(**inputs, generation_config=config)
         new_tokens = output[:, inputs["input_ids"].shape[1]:].tolist()
-        for item, tokens in zip(eval_prompts[start:start + batch_size], new_tokens, strict=True):
+        rows = zip(chats[start:start + batch_size], eval_prompts[start:start + batch_size],
+                   new_tokens, strict=True)
+        for chat, item, tokens in rows:
             stop = next((i for i, t in enumerate(tokens) if t in stop_ids), None)
             kept = tokens if stop is None else tokens[:stop]
             records.append({
-                "instruction": item["instruction"],
+                "instruction": chat[-1]["content"],
                 "expected": item.get("reference"),
                 "generated": tokenizer.decode(kept, skip_special_tokens=True),
                 "n_tokens": len(kept),
@@ -196,6 +210,15 @@ def exact_match(generated: str, reference: str) -> bool:
     True
     """
     return normalize_answer(generated) == normalize_answer(reference)
+
+
+def answer_line(text: str) -> str:
+    """The first non-empty line: the direct answer, in the course's house style.
+
+    >>> answer_line("\\nParis.\\n\\n### Details\\nIt has been the capital since 508.")
+    'Paris.'
+    """
+    return next((line.strip() for line in text.splitlines() if line.strip()), "")
 
 
 def _lcs_length(a: Sequence[str], b: Sequence[str]) -> int:
@@ -257,8 +280,10 @@ def generation_metrics(
     """The metrics of one model's `evaluate_sft_model` records, as fractions and means.
 
     `checks` maps a name to a reply check (the course passes its house-style and persona
-    checks); each becomes the fraction of replies that pass it. ROUGE-L and exact match
-    are averaged over the records that have a reference (NaN when none has one).
+    checks); each becomes the fraction of replies that pass it. ROUGE-L (whole reply) and
+    exact match (of the `answer_line`s: the direct answer is the exact part of a
+    house-style reference, the details are free prose) are averaged over the records
+    that have a reference (NaN when none has one).
 
     >>> generation_metrics(records, {"house style": follows_house_style})  # doctest: +SKIP
     """
@@ -267,7 +292,10 @@ def generation_metrics(
     replies = [r["generated"] for r in results]
     referenced = _with_reference(results)
     metrics = {name: _mean([float(check(r)) for r in replies]) for name, check in checks.items()}
-    matches = [float(exact_match(r["generated"], r["expected"])) for r in referenced]
+    matches = [
+        float(exact_match(answer_line(r["generated"]), answer_line(r["expected"])))
+        for r in referenced
+    ]
     metrics.update({
         "stop rate": stop_rate(results),
         "exact match": _mean(matches),

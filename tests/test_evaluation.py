@@ -104,6 +104,19 @@ def test_a_system_message_reaches_the_prompt():
     ]
 
 
+def test_a_conversation_under_way_is_answered_from_its_messages(tiny):
+    chat = [
+        {"role": "user", "content": "Hi"},
+        {"role": "assistant", "content": "Hello."},
+        {"role": "user", "content": "2+2?"},
+    ]
+    assert ev.prompt_messages({"messages": chat}) == chat
+    record = _generate(tiny, prompts=[{"messages": chat, "reference": "4"}])[0]
+    assert (record["instruction"], record["expected"]) == ("2+2?", "4")
+    with pytest.raises(ValueError, match=r"\[0\]: 'messages' must end with a user message"):
+        ev.prompt_messages({"messages": chat[:2]}, 0)
+
+
 @pytest.mark.parametrize(
     ("prompts", "kwargs", "error", "message"),
     [
@@ -171,6 +184,11 @@ def test_is_refusal(text, expected):
     assert ev.is_refusal(text) is expected
 
 
+def test_answer_line_is_the_first_non_empty_line():
+    assert ev.answer_line("\n  Paris.  \n\n### Details\nSince 508.") == "Paris."
+    assert ev.answer_line("") == ""
+
+
 def _record(generated, stop=ev.STOP_EOS, expected=None, n_tokens=5):
     return {"instruction": "q", "expected": expected, "generated": generated,
             "n_tokens": n_tokens, "stop_reason": stop}
@@ -178,16 +196,19 @@ def _record(generated, stop=ev.STOP_EOS, expected=None, n_tokens=5):
 
 def test_generation_metrics_on_hand_made_records():
     records = [
-        _record("Paris.", expected="Paris", n_tokens=2),
-        _record("I cannot answer that.", expected="4", n_tokens=6),
+        # Exact match compares the direct-answer lines only: the details may differ.
+        _record("Paris.\n\n### Details\nSince 508.", "eos", "Paris\n\n### Details\nOld.", 2),
+        _record("I cannot answer that.\n\n### Details\n4", "eos", "4\n\n### Details\nx", 6),
         _record("blah blah blah", stop=ev.STOP_LENGTH, n_tokens=10),
     ]
-    metrics = ev.generation_metrics(records, {"short": lambda reply: len(reply) < 10})
+    metrics = ev.generation_metrics(records, {"short": lambda reply: len(reply) < 20})
     assert metrics["short"] == pytest.approx(1 / 3)
     assert metrics["stop rate"] == pytest.approx(2 / 3)
     # Only the two records with a reference count for exact match and ROUGE-L.
     assert metrics["exact match"] == pytest.approx(0.5)
-    assert metrics["ROUGE-L"] == pytest.approx(0.5)
+    # ROUGE-L: "paris details since 508" vs "paris details old": LCS 2, P 2/4, R 2/3 -> 4/7;
+    # "i cannot answer that details 4" vs "4 details x": LCS 1 -> P 1/6, R 1/3 -> 2/9.
+    assert metrics["ROUGE-L"] == pytest.approx((4 / 7 + 2 / 9) / 2)
     assert metrics["refusals"] == pytest.approx(1 / 3)
     assert metrics["mean tokens"] == pytest.approx(6.0)
 
