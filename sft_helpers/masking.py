@@ -227,6 +227,21 @@ def render_marked(conversation, tokenizer, index: int | None = None) -> str:
         raise ValueError(f"{where}: the chat template refused the conversation: {error}") from error
 
 
+def show_markers(marked_text: str) -> str:
+    """`marked_text` (from `render_marked`) with its markers made visible: `⟦i:` and `:i⟧`
+    around the content of message i, `·` for a whitespace edge marker.
+
+    >>> show_markers("A\x1e\ue000\U000F0001hi\ue001\U000F0001\x1fB")
+    'A·⟦1:hi:1⟧·B'
+    """
+    def visible(match: re.Match) -> str:
+        i = ord(match.group(2)) - _INDEX_BASE
+        return f"⟦{i}:" if match.group(1) == _OPEN else f":{i}⟧"
+
+    text = _MARKER.sub(visible, marked_text)
+    return text.replace(_EDGE_LEFT, "·").replace(_EDGE_RIGHT, "·")
+
+
 def assistant_spans(conversation, tokenizer, index: int | None = None):
     """`(text, spans)`: the rendered conversation (exactly what `apply_chat_template`
     renders) and, for each assistant message index, the (start, end) characters of its

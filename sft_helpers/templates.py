@@ -51,26 +51,24 @@ TEMPLATES: dict[str, str] = {
         "{{ '<|start_header_id|>assistant<|end_header_id|>\\n\\n' }}"
         "{% endif %}"
     ),
-    # Mistral Instruct v0.3: [INST] ... [/INST]; no system role, so the system message is
-    # prepended to the LAST user message. That makes the template not prefix-preserving.
+    # Mistral Instruct v0.3: [INST] ... [/INST], replies trimmed, EOS closes a reply. There is
+    # no system turn: the system message is glued to the user message only when that message
+    # is the LAST one (a prompt). A training conversation, which ends with a reply, loses its
+    # system message entirely, and the template is not prefix-preserving.
     "mistral": (
         "{% if messages[0]['role'] == 'system' %}"
         "{% set system_message = messages[0]['content'] %}{% set loop_messages = messages[1:] %}"
         "{% else %}{% set loop_messages = messages %}{% endif %}"
-        "{% set ns = namespace(last_user=-1) %}"
-        "{% for message in loop_messages %}"
-        "{% if message['role'] == 'user' %}{% set ns.last_user = loop.index0 %}{% endif %}"
-        "{% endfor %}"
         "{{ bos_token }}"
         "{% for message in loop_messages %}"
         "{% if (message['role'] == 'user') != (loop.index0 % 2 == 0) %}"
         "{{ raise_exception('roles must alternate user/assistant after an optional system') }}"
         "{% endif %}"
         "{% if message['role'] == 'user' %}"
-        "{% if loop.index0 == ns.last_user and system_message is defined %}"
+        "{% if loop.last and system_message is defined %}"
         "{{ '[INST] ' + system_message + '\\n\\n' + message['content'] + '[/INST]' }}"
         "{% else %}{{ '[INST] ' + message['content'] + '[/INST]' }}{% endif %}"
-        "{% else %}{{ ' ' + message['content'] + eos_token }}{% endif %}"
+        "{% else %}{{ ' ' + message['content'] | trim + eos_token }}{% endif %}"
         "{% endfor %}"
     ),
     # Gemma: no system role at all, assistant is called "model", contents trimmed.
@@ -135,8 +133,8 @@ _MARKED_PARTS = {
         "{% else %}{{ message['content'] | trim + '<|eot_id|>' }}{% endif %}",
     ),
     "mistral": (
-        "{% else %}{{ ' ' + message['content'] + eos_token }}{% endif %}",
-        "{% else %}{{ ' ' }}{% generation %}{{ message['content'] + eos_token }}"
+        "{% else %}{{ ' ' + message['content'] | trim + eos_token }}{% endif %}",
+        "{% else %}{{ ' ' }}{% generation %}{{ message['content'] | trim + eos_token }}"
         "{% endgeneration %}{% endif %}",
     ),
     "gemma": (

@@ -102,12 +102,13 @@ def test_each_shipped_template(speakers, name):
 
 
 def test_not_prefix_preserving_template_is_masked_right_and_naive_is_not(speakers):
-    # Mistral moves the system message into the last user turn: every prefix differs.
+    # Mistral writes the system message into the prompt but not into the training text: the
+    # prefix loop's last prompt is longer than the stretch it measures and masks the reply.
     speaker = speakers["mistral"]
-    chat = [{"role": "system", "content": "Answer with a digit."}, *TWO_TURNS]
-    assert trained_text(speaker, tokenize_with_masking(chat, speaker)) == "4</s>6</s>"
-    naive = trained_text(speaker, naive_tokenize_with_masking(chat, speaker))
-    assert naive != "6</s>", "the prefix lengths no longer line up with the full render"
+    chat = [{"role": "system", "content": "Answer with one word."}, *WORD_TURNS]
+    assert trained_text(speaker, tokenize_with_masking(chat, speaker)) == " Four.</s> Six.</s>"
+    naive = naive_tokenize_with_masking(chat, speaker)
+    assert (naive["labels"] == IGNORE_INDEX).all(), "nothing at all is trained"
 
 
 def test_whitespace_is_trained_as_rendered(speakers):

@@ -32,7 +32,8 @@ EXPECTED = {
     "<|start_header_id|>assistant<|end_header_id|>\n\nHello!<|eot_id|>"
     "<|start_header_id|>user<|end_header_id|>\n\nBye<|eot_id|>"
     "<|start_header_id|>assistant<|end_header_id|>\n\nSee you.<|eot_id|>",
-    "mistral": "<s>[INST] Hi[/INST] Hello!</s>[INST] Be brief.\n\nBye[/INST] See you.</s>",
+    # Mistral drops the system message unless the conversation ends with a user message.
+    "mistral": "<s>[INST] Hi[/INST] Hello!</s>[INST] Bye[/INST] See you.</s>",
     "gemma": "<bos><start_of_turn>user\nHi<end_of_turn>\n"
     "<start_of_turn>model\nHello!<end_of_turn>\n"
     "<start_of_turn>user\nBye<end_of_turn>\n<start_of_turn>model\nSee you.<end_of_turn>\n",
@@ -95,7 +96,9 @@ def test_render_accepts_a_jinja_string_and_matches_the_tokenizer(tokenizer):
 def test_prefix_preservation():
     assert is_prefix_preserving("chatml", [chat_for("chatml")])
     assert is_prefix_preserving("llama3", [chat_for("llama3")])
-    # Mistral moves the system message into the last user turn.
+    # Mistral writes the system message into a prompt's last user turn, and drops it from
+    # a conversation that ends with a reply.
+    assert render([SYSTEM, CHAT[0]], "mistral") == "<s>[INST] Be brief.\n\nHi[/INST]"
     assert not is_prefix_preserving("mistral", [chat_for("mistral")])
     assert is_prefix_preserving("mistral", [CHAT]), "without a system message it is"
     k, prefix, full = prefix_violation("mistral", chat_for("mistral"))
