@@ -26,18 +26,23 @@ import torch
 from tqdm.auto import tqdm
 from transformers import GenerationConfig
 
+from sft_helpers.data import compliance_rate
 from sft_helpers.environment import seed_everything
 from sft_helpers.masking import IGNORE_INDEX, pad_batch, tokenize_with_masking
 
+# Item fields copied into each record, so a metric can look at them (the course's persona
+# check applies to the "identity" category only).
+PASSED_THROUGH = ("id", "category")
 STOP_EOS = "eos"  # the model closed its turn
 STOP_LENGTH = "max_new_tokens"  # cut off by the token budget
 # Phrases that open or carry a refusal. Lower-case; matched on the lower-cased reply.
+_REFUSED = r"(?:help|assist|do|provide|answer|comply|write|give|explain|create|make|share|tell)"
 REFUSAL_PATTERNS = (
-    r"\bi can(?:'|no)?t (?:help|assist|do|provide|answer|comply)",
+    rf"\bi can(?:'|no)?t {_REFUSED}\b",
+    rf"\bi won'?t {_REFUSED}\b",
     r"\bi cannot\b",
     r"\bi(?:'m| am) (?:not able|unable) to\b",
     r"\bi(?:'m| am) sorry, but\b",
-    r"\bi won'?t\b",
     r"\bas an ai\b",
 )
 _REFUSAL = re.compile("|".join(REFUSAL_PATTERNS))
@@ -182,6 +187,7 @@ def evaluate_sft_model(
             stop = next((i for i, t in enumerate(tokens) if t in stop_ids), None)
             kept = tokens if stop is None else tokens[:stop]
             records.append({
+                **{key: item[key] for key in PASSED_THROUGH if key in item},
                 "instruction": chat[-1]["content"],
                 "expected": item.get("reference"),
                 "generated": tokenizer.decode(kept, skip_special_tokens=True),
@@ -274,36 +280,38 @@ def _with_reference(results: Sequence[Mapping]) -> list[Mapping]:
     return [r for r in results if r.get("expected")]
 
 
-def generation_metrics(
-    results: Sequence[Mapping], checks: Mapping[str, Callable[[str], bool]]
-) -> dict:
+def generation_metrics(results: Sequence[Mapping]) -> dict[str, float]:
     """The metrics of one model's `evaluate_sft_model` records, as fractions and means.
 
-    `checks` maps a name to a reply check (the course passes its house-style and persona
-    checks); each becomes the fraction of replies that pass it. ROUGE-L (whole reply) and
-    exact match (of the `answer_line`s: the direct answer is the exact part of a
-    house-style reference, the details are free prose) are averaged over the records
-    that have a reference (NaN when none has one).
+    "compliant", "house style" and "persona" are the course metric (`compliance_rate`
+    from `sft_helpers.data`; persona counts only records whose category is "identity",
+    NaN when there is none). ROUGE-L (whole reply) and exact match (of the
+    `answer_line`s: the direct answer is the exact part of a house-style reference, the
+    details are free prose) average over the records that have a reference (NaN when none
+    has one).
 
-    >>> generation_metrics(records, {"house style": follows_house_style})  # doctest: +SKIP
+    >>> generation_metrics(records)["stop rate"]  # doctest: +SKIP
+    0.875
     """
     if not results:
         raise ValueError("no results to score: evaluate at least one prompt")
     replies = [r["generated"] for r in results]
     referenced = _with_reference(results)
-    metrics = {name: _mean([float(check(r)) for r in replies]) for name, check in checks.items()}
+    course = compliance_rate(results, replies)
     matches = [
         float(exact_match(answer_line(r["generated"]), answer_line(r["expected"])))
         for r in referenced
     ]
-    metrics.update({
+    return {
+        "compliant": course["compliant"],
+        "house style": course["house_style"],
+        "persona": course["persona"],
         "stop rate": stop_rate(results),
         "exact match": _mean(matches),
         "ROUGE-L": _mean([rouge_l(r["generated"], r["expected"]) for r in referenced]),
         "refusals": _mean([float(is_refusal(reply)) for reply in replies]),
         "mean tokens": _mean([r["n_tokens"] for r in results]),
-    })
-    return metrics
+    }
 
 
 def eval_loss(
@@ -344,18 +352,17 @@ def eval_loss(
 
 def compare_models(
     results_by_model: Mapping[str, Sequence[Mapping]],
-    checks: Mapping[str, Callable[[str], bool]],
     losses: Mapping[str, Mapping] | None = None,
 ) -> pd.DataFrame:
     """One table, one row per model: `generation_metrics` plus eval loss and perplexity.
 
-    >>> compare_models({"base": base_results, "tuned": tuned_results}, checks)  # doctest: +SKIP
+    >>> compare_models({"base": base_results, "tuned": tuned_results})  # doctest: +SKIP
     """
     if not results_by_model:
         raise ValueError("compare_models needs at least one model's results")
     rows = {}
     for name, results in results_by_model.items():
-        rows[name] = generation_metrics(results, checks)
+        rows[name] = generation_metrics(results)
         if losses is not None:
             if name not in losses:
                 raise KeyError(f"no eval loss for model {name!r}; losses has {sorted(losses)}")

@@ -175,9 +175,12 @@ def test_rouge_l(generated, reference, expected):
         ("I cannot provide that information.", True),
         ("As an AI, I don't have opinions.", True),
         ("I am unable to browse the web.", True),
+        ("I can't write malware.", True),
+        ("I won't give instructions for that.", True),
         ("Paris is the capital of France.", False),
         ("You can't divide by zero: the result is undefined.", False),
         ("I can help with that: the answer is 4.", False),
+        ("I can't believe it is already 4 o'clock.", False),
     ],
 )
 def test_is_refusal(text, expected):
@@ -189,9 +192,9 @@ def test_answer_line_is_the_first_non_empty_line():
     assert ev.answer_line("") == ""
 
 
-def _record(generated, stop=ev.STOP_EOS, expected=None, n_tokens=5):
-    return {"instruction": "q", "expected": expected, "generated": generated,
-            "n_tokens": n_tokens, "stop_reason": stop}
+def _record(generated, stop=ev.STOP_EOS, expected=None, n_tokens=5, category="factual"):
+    return {"category": category, "instruction": "q", "expected": expected,
+            "generated": generated, "n_tokens": n_tokens, "stop_reason": stop}
 
 
 def test_generation_metrics_on_hand_made_records():
@@ -199,23 +202,34 @@ def test_generation_metrics_on_hand_made_records():
         # Exact match compares the direct-answer lines only: the details may differ.
         _record("Paris.\n\n### Details\nSince 508.", "eos", "Paris\n\n### Details\nOld.", 2),
         _record("I cannot answer that.\n\n### Details\n4", "eos", "4\n\n### Details\nx", 6),
-        _record("blah blah blah", stop=ev.STOP_LENGTH, n_tokens=10),
+        _record("I'm Pip.\nblah blah", ev.STOP_LENGTH, None, 10, category="identity"),
+        _record("I'm SmolLM.\n\n### Details\nHi.", "eos", None, 4, category="identity"),
     ]
-    metrics = ev.generation_metrics(records, {"short": lambda reply: len(reply) < 20})
-    assert metrics["short"] == pytest.approx(1 / 3)
-    assert metrics["stop rate"] == pytest.approx(2 / 3)
+    metrics = ev.generation_metrics(records)
+    # House style: records 0, 1 and 3. Persona: only identity records count, and only 2 says Pip.
+    assert metrics["house style"] == pytest.approx(3 / 4)
+    assert metrics["persona"] == pytest.approx(1 / 2)
+    assert metrics["compliant"] == pytest.approx(2 / 4)
+    assert metrics["stop rate"] == pytest.approx(3 / 4)
     # Only the two records with a reference count for exact match and ROUGE-L.
     assert metrics["exact match"] == pytest.approx(0.5)
     # ROUGE-L: "paris details since 508" vs "paris details old": LCS 2, P 2/4, R 2/3 -> 4/7;
     # "i cannot answer that details 4" vs "4 details x": LCS 1 -> P 1/6, R 1/3 -> 2/9.
     assert metrics["ROUGE-L"] == pytest.approx((4 / 7 + 2 / 9) / 2)
-    assert metrics["refusals"] == pytest.approx(1 / 3)
-    assert metrics["mean tokens"] == pytest.approx(6.0)
+    assert metrics["refusals"] == pytest.approx(1 / 4)
+    assert metrics["mean tokens"] == pytest.approx(5.5)
+
+
+def test_records_carry_the_items_id_and_category(tiny):
+    chat = [{"role": "user", "content": "Who?"}]
+    item = {"id": "eval-007", "category": "identity", "messages": chat}
+    record = _generate(tiny, prompts=[item])[0]
+    assert (record["id"], record["category"]) == ("eval-007", "identity")
 
 
 def test_metrics_refuse_empty_results():
     with pytest.raises(ValueError, match="no results"):
-        ev.generation_metrics([], {})
+        ev.generation_metrics([])
     with pytest.raises(ValueError, match="no results"):
         ev.stop_rate([])
 
@@ -226,14 +240,14 @@ def test_compare_models_puts_models_side_by_side():
         "base": {"loss": 2.0, "perplexity": math.exp(2.0)},
         "tuned": {"loss": 1.0, "perplexity": math.e},
     }
-    table = ev.compare_models(results, {}, losses)
+    table = ev.compare_models(results, losses)
     assert list(table.index) == ["base", "tuned"]
     assert table.loc["base", "stop rate"] == 0.0 and table.loc["tuned", "stop rate"] == 1.0
     assert table.loc["tuned", "perplexity"] == pytest.approx(math.e)
     with pytest.raises(KeyError, match="no eval loss for model 'tuned'"):
-        ev.compare_models(results, {}, {"base": losses["base"]})
+        ev.compare_models(results, {"base": losses["base"]})
     with pytest.raises(ValueError, match="at least one model"):
-        ev.compare_models({}, {})
+        ev.compare_models({})
 
 
 def test_eval_loss_is_per_token_and_independent_of_batch_size(tiny):
