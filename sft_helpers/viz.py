@@ -31,7 +31,13 @@ def _visible(text: str) -> str:
 
 
 def token_boxes(input_ids: Sequence[int], labels: Sequence[int], tokenizer) -> str:
-    """The HTML of one box per token: green when trained (label != -100), grey when masked."""
+    """The HTML of one box per token: green when trained (label != -100), grey when masked.
+
+    >>> class Spell:  # a stand-in tokenizer: token id -> its text
+    ...     def decode(self, ids): return {1: "Hi", 2: "\\n"}[ids[0]]
+    >>> token_boxes([1, 2], [-100, 2], Spell()).count("<span")
+    2
+    """
     boxes = []
     for token_id, label in zip(list(input_ids), list(labels), strict=True):
         trained = int(label) != IGNORE_INDEX
@@ -40,6 +46,7 @@ def token_boxes(input_ids: Sequence[int], labels: Sequence[int], tokenizer) -> s
         title = f"id {int(token_id)}, label {int(label)}"
         boxes.append(
             f'<span style="{TOKEN_STYLE};{style}" title="{title}">{_visible(text)}</span>'
+            + "<br>" * text.endswith("\n")  # keep the text's line layout
         )
     return "".join(boxes)
 
