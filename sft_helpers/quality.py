@@ -24,16 +24,19 @@ from __future__ import annotations
 
 import copy
 import hashlib
+import json
 import random
 import re
 import string
 import unicodedata
 import zlib
-from collections import defaultdict
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections import Counter, defaultdict
+from collections.abc import Iterable, Mapping, Sequence
+from pathlib import Path
 
 import numpy as np
 
+from sft_helpers.data import DATA_DIR, PERSONA_NAME, expects_persona, names_persona, style_problems
 from sft_helpers.masking import validate_conversation
 
 # --- the baseline heuristic ----------------------------------------------------------------
@@ -67,7 +70,8 @@ NUM_PERM = 128  # MinHash signature length (the estimate's std is about 1/sqrt(N
 NEAR_DUPLICATE_THRESHOLD = 0.7  # Jaccard similarity of the shingle sets
 LSH_MIN_RECALL = 0.99  # band setup: P(a pair AT the threshold becomes a candidate) >= this
 _PRIME = (1 << 31) - 1  # Mersenne prime for the universal hashes (products fit in uint64)
-CONTAMINATION_NGRAM = 8  # word n-gram length shared with an eval example
+CONTAMINATION_NGRAM = 8  # word n-grams compared with the eval split
+MIN_OVERLAP = 0.8  # share of an eval example's n-grams found in one training example
 
 
 # === 1. The baseline =======================================================================
@@ -171,7 +175,7 @@ def _reply_reasons(prompt: str, reply: str, turn: int) -> dict[str, str]:
     if words > MAX_REPLY_WORDS:
         reasons["too_long"] = f"{where} has {words} words (> {MAX_REPLY_WORDS})"
     ratio = words / max(1, _words(prompt))
-    if ratio > MAX_LENGTH_RATIO:
+    if prompt.strip() and ratio > MAX_LENGTH_RATIO:  # no prompt: structure rules explain it
         reasons["length_ratio"] = f"{where} is {ratio:.0f}x longer than its prompt"
     if (opener := SYCOPHANTIC.match(reply)) is not None:
         reasons["sycophantic_opener"] = f"{where} opens with {opener.group(0).strip()!r}"
@@ -182,19 +186,39 @@ def _reply_reasons(prompt: str, reply: str, turn: int) -> dict[str, str]:
     return reasons
 
 
+def _persona_reasons(conversation, replies_with_reasons: set[int], expects_persona: bool):
+    """Off-persona: a reply that breaks the house style (`data.style_problems`) when no more
+    specific rule already explains it, or an identity conversation where no reply names
+    the persona (`data.names_persona`)."""
+    replies = [i for i, m in enumerate(conversation) if m["role"] == "assistant"]
+    for turn in replies:
+        problems = style_problems(conversation[turn]["content"])
+        if turn not in replies_with_reasons and conversation[turn]["content"].strip() and problems:
+            return {"off_persona": f"reply {turn} breaks the house style: {problems[0]}"}
+    if expects_persona and not any(names_persona(conversation[i]["content"]) for i in replies):
+        return {"off_persona": f"no reply names {PERSONA_NAME}, but the user asks who it is"}
+    return {}
+
+
 def quality_report(
-    conversation, index: int | None = None, persona_check: Callable[[str], bool] | None = None
+    conversation,
+    index: int | None = None,
+    *,
+    house_style: bool = True,
+    expects_persona: bool = False,
 ) -> dict[str, str]:
     """Named reasons why `conversation` is a poor training example, each with a short
     explanation; an empty dict means no rule fired.
 
-    Malformed input (not a list of {"role", "content"} strings, unknown roles, a system
-    message that is not first, no assistant turn) raises `ValueError` naming conversation
-    `index` and the message, via `masking.validate_conversation`. `persona_check(reply)`,
-    when given, returns False for a reply that is off-persona.
+    With `house_style`, a reply that breaks the course's house style and persona is
+    "off_persona" (unless a more specific reason, such as "too_short", already covers that
+    reply); `expects_persona` (an identity question) also requires a reply naming the
+    persona. Malformed input (not a list of {"role", "content"} strings, unknown roles, a
+    system message that is not first, no assistant turn) raises `ValueError` naming
+    conversation `index` and the message, via `masking.validate_conversation`.
 
     >>> quality_report([{"role": "assistant", "content": "Hello, how can I help you?"},
-    ...                 {"role": "user", "content": "Hi"}])
+    ...                 {"role": "user", "content": "Hi"}], house_style=False)
     {'roles_out_of_order': 'message 0 is assistant, expected user'}
     """
     validate_conversation(conversation, index)
@@ -202,16 +226,18 @@ def quality_report(
     text = "".join(m["content"] for m in conversation)
     if (garbage := GARBAGE.search(text)) is not None:
         reasons["encoding_garbage"] = f"mojibake or control character {garbage.group(0)!r}"
-    prompt = ""
+    prompt, explained = "", set()
     for turn, message in enumerate(conversation):
         if message["role"] != "assistant":
             prompt = message["content"]
             continue
-        for name, why in _reply_reasons(prompt, message["content"], turn).items():
+        found = _reply_reasons(prompt, message["content"], turn)
+        if found:
+            explained.add(turn)
+        for name, why in found.items():
             reasons.setdefault(name, why)  # the first reply that breaks a rule explains it
-        if persona_check is not None and message["content"].strip():
-            if not persona_check(message["content"]) and "off_persona" not in reasons:
-                reasons["off_persona"] = f"reply {turn} does not follow the persona"
+    if house_style:
+        reasons.update(_persona_reasons(conversation, explained, expects_persona))
     return reasons
 
 
@@ -229,15 +255,16 @@ def normalise(text: str) -> str:
 
 
 def conversation_text(conversation) -> str:
-    """One string per conversation, roles included, for hashing and similarity. System
-    messages are left out: a system prompt shared by the whole dataset would make every
-    pair look alike and every example share n-grams with the eval split.
+    """The contents of a conversation, one message per line, for hashing and similarity.
+    System messages are left out: a system prompt shared by the whole dataset would make
+    every pair look alike and every example share n-grams with the eval split.
 
     >>> conversation_text([{"role": "system", "content": "Be brief."},
-    ...                    {"role": "user", "content": "Hi"}])
-    'user: Hi'
+    ...                    {"role": "user", "content": "Hi"},
+    ...                    {"role": "assistant", "content": "Hello."}])
+    'Hi\\nHello.'
     """
-    return "\n".join(f"{m['role']}: {m['content']}" for m in conversation if m["role"] != "system")
+    return "\n".join(m["content"] for m in conversation if m["role"] != "system")
 
 
 def exact_duplicate_of(texts: Sequence[str]) -> list[int | None]:
@@ -369,20 +396,39 @@ def word_ngrams(text: str, n: int = CONTAMINATION_NGRAM) -> list[tuple[str, ...]
 
 
 def contamination(
-    train_texts: Sequence[str], eval_texts: Iterable[str], n: int = CONTAMINATION_NGRAM
-) -> list[str | None]:
-    """For each training text, the first word n-gram it shares with any eval text (as a
-    string, to show the reader), else None.
+    train_texts: Sequence[str],
+    eval_texts: Sequence[str],
+    n: int = CONTAMINATION_NGRAM,
+    min_overlap: float = MIN_OVERLAP,
+) -> list[tuple[int, float] | None]:
+    """For each training text, (index of the eval text, overlap) for the eval text whose word
+    n-grams it covers the most, when that share is at least `min_overlap`; else None.
 
-    >>> contamination(["one two three four", "five six"], ["x one two three"], n=3)
-    ['one two three', None]
+    Measuring the share of an eval example's n-grams (rather than flagging any one shared
+    n-gram) keeps phrases that the whole dataset repeats on purpose, such as the persona's
+    introduction, from flagging every example that uses them.
+
+    >>> train = ["one two three four", "five six"]
+    >>> contamination(train, ["x one two three four"], n=3, min_overlap=0.5)
+    [(0, 0.6666666666666666), None]
     """
     if n < 1:
         raise ValueError(f"n must be a positive int, not {n!r}")
-    eval_grams = {gram for text in eval_texts for gram in word_ngrams(text, n)}
-    return [
-        next((" ".join(g) for g in word_ngrams(t, n) if g in eval_grams), None) for t in train_texts
-    ]
+    if not 0 < min_overlap <= 1:
+        raise ValueError(f"min_overlap must be in (0, 1], not {min_overlap!r}")
+    eval_sizes, owners = [], defaultdict(list)  # n-gram -> the eval texts that contain it
+    for j, text in enumerate(eval_texts):
+        grams = set(word_ngrams(text, n))
+        eval_sizes.append(len(grams))
+        for gram in grams:
+            owners[gram].append(j)
+    result: list[tuple[int, float] | None] = []
+    for text in train_texts:
+        shared = Counter(j for gram in set(word_ngrams(text, n)) for j in owners.get(gram, ()))
+        best = max(((count / eval_sizes[j], -j) for j, count in shared.items()), default=None)
+        hit = best is not None and best[0] >= min_overlap
+        result.append((-best[1], best[0]) if hit else None)
+    return result
 
 
 # === 4. Whole datasets =====================================================================
@@ -394,27 +440,45 @@ def _messages(example, index: int) -> list:
     return example["messages"]
 
 
+def answered(example: Mapping, index: int = 0) -> list[dict]:
+    """The conversation of an eval example with its reference as the last assistant turn
+    (an example without "reference" is returned as it is): the text a leak would copy.
+
+    >>> answered({"messages": [{"role": "user", "content": "2+2?"}], "reference": "4."})
+    [{'role': 'user', 'content': '2+2?'}, {'role': 'assistant', 'content': '4.'}]
+    """
+    messages = list(_messages(example, index))
+    if example.get("reference") is None:
+        return messages
+    return [*messages, {"role": "assistant", "content": _text_field(example, "reference")}]
+
+
 def flag_dataset(
     examples,
     eval_examples: Iterable[Mapping] = (),
-    persona_check: Callable[[str], bool] | None = None,
+    house_style: bool = True,
     near_threshold: float = NEAR_DUPLICATE_THRESHOLD,
     ngram: int = CONTAMINATION_NGRAM,
 ):
     """Add a "reasons" field (sorted reason names, empty when clean) to every example.
 
     `examples` is a `datasets.Dataset` or a list of mappings, each with a "messages"
-    conversation; the result has the same type (a Dataset goes through `map`, with its
-    progress bar). Besides `quality_report`'s rules, the later copy of an exact duplicate
-    gets "duplicate", of a near duplicate "near_duplicate", and an example sharing a word
-    `ngram`-gram with any of `eval_examples` gets "eval_contamination".
+    conversation (and optionally a "category": "identity" asks for the persona); the result
+    has the same type (a Dataset goes through `map`, with its progress bar). Besides
+    `quality_report`'s rules, the later copy of an exact duplicate gets "duplicate", of a
+    near duplicate "near_duplicate", and an example that covers most of the n-grams of one
+    of `eval_examples` (their "reference" included) gets "eval_contamination".
 
     >>> flag_dataset([{"messages": [{"role": "user", "content": "Hi"},
     ...                             {"role": "assistant", "content": "Hello."}]}])
     [{'messages': [...], 'reasons': ['too_short']}]
     """
-    texts = [conversation_text(_messages(ex, i)) for i, ex in enumerate(examples)]
-    eval_texts = [conversation_text(_messages(ex, i)) for i, ex in enumerate(eval_examples)]
+    conversations = [_messages(ex, i) for i, ex in enumerate(examples)]
+    eval_conversations = [answered(ex, i) for i, ex in enumerate(eval_examples)]
+    for i, conversation in [*enumerate(conversations), *enumerate(eval_conversations)]:
+        validate_conversation(conversation, i)  # bad input fails here, naming the example
+    texts = [conversation_text(c) for c in conversations]
+    eval_texts = [conversation_text(c) for c in eval_conversations]
     extra: list[set[str]] = [set() for _ in texts]
     exact = exact_duplicate_of(texts)
     for i, first in enumerate(exact):
@@ -425,12 +489,17 @@ def flag_dataset(
     for i, first in zip(unique, near, strict=True):
         if first is not None:
             extra[i].add("near_duplicate")
-    for i, shared in enumerate(contamination(texts, eval_texts, ngram)):
-        if shared is not None:
+    for i, leak in enumerate(contamination(texts, eval_texts, ngram)):
+        if leak is not None:
             extra[i].add("eval_contamination")
 
     def reasons(example: Mapping, index: int) -> dict[str, list[str]]:
-        found = quality_report(example["messages"], index, persona_check)
+        found = quality_report(
+            example["messages"],
+            index,
+            house_style=house_style,
+            expects_persona=house_style and expects_persona(example),
+        )
         return {"reasons": sorted(found.keys() | extra[index])}
 
     if isinstance(examples, list):
@@ -472,6 +541,7 @@ INJECTED_OPENERS = ("Sure! ", "Certainly! ", "Great question! ", "Absolutely! ",
 # A generic-assistant reply: no persona, no house style.
 OFF_PERSONA_REPLY = "As an AI language model, I don't have a name, but here is what I know: {}"
 NOISY_PER_DEFECT = 12
+NOISY_FILE = DATA_DIR / "noisy_train.jsonl"
 
 
 def _reply_index(conversation, rng: random.Random) -> int:
@@ -496,9 +566,9 @@ def inject_defect(conversation, defect: str, rng: random.Random) -> list[dict]:
     reply = chat[k]["content"]
     if defect == "duplicate":
         return chat
-    if defect == "near_duplicate":  # drop one word inside the reply: Jaccard stays high
+    if defect == "near_duplicate":  # drop one word inside a line: Jaccard stays high
         words = reply.split(" ")
-        del words[rng.randrange(1, len(words) - 1)]
+        del words[rng.choice([i for i in range(1, len(words) - 1) if "\n" not in words[i]])]
         chat[k]["content"] = " ".join(words)
     elif defect == "sycophantic_opener":
         chat[k]["content"] = rng.choice(INJECTED_OPENERS) + reply
@@ -529,26 +599,39 @@ def build_noisy_dataset(
     shuffled, each row {"messages", "defect"} with defect `CLEAN` ("none") or a name from
     `DEFECTS`. In-place defects replace a clean conversation; duplicates and near
     duplicates are added copies of a clean one (always placed after their source, so the
-    copy is the one a filter should drop); contamination adds eval conversations verbatim.
+    copy is the one a filter should drop); contamination adds eval conversations verbatim,
+    their reference as the reply. Other fields of the examples (id, category) are kept.
     """
     rng = random.Random(seed)
-    rows = [{"messages": _messages(ex, i), "defect": CLEAN} for i, ex in enumerate(clean)]
+    rows = [{**ex, "messages": _messages(ex, i), "defect": CLEAN} for i, ex in enumerate(clean)]
     in_place = [
         d for d in DEFECTS if d not in ("duplicate", "near_duplicate", "eval_contamination")
     ]
     picked = rng.sample(range(len(rows)), per_defect * (len(in_place) + 2))
     for n, i in enumerate(picked[: per_defect * len(in_place)]):
         defect = in_place[n // per_defect]
-        rows[i] = {"messages": inject_defect(rows[i]["messages"], defect, rng), "defect": defect}
+        rows[i] = {
+            **rows[i],
+            "messages": inject_defect(rows[i]["messages"], defect, rng),
+            "defect": defect,
+        }
     sources = picked[per_defect * len(in_place) :]  # clean rows that get a copy
     copies = []
     for n, i in enumerate(sources):
         defect = "duplicate" if n < per_defect else "near_duplicate"
         copies.append(
-            {"messages": inject_defect(rows[i]["messages"], defect, rng), "defect": defect}
+            {
+                **rows[i],
+                "messages": inject_defect(rows[i]["messages"], defect, rng),
+                "defect": defect,
+            }
         )
-    leaks = [
-        {"messages": copy.deepcopy(_messages(ex, i)), "defect": "eval_contamination"}
+    leaks = [  # an eval conversation with its reference reply, as a training example
+        {
+            **{key: value for key, value in ex.items() if key != "reference"},
+            "messages": answered(ex, i),
+            "defect": "eval_contamination",
+        }
         for i, ex in enumerate(rng.sample(list(eval_examples), per_defect))
     ]
     order = list(range(len(rows) + len(copies) + len(leaks)))
@@ -560,6 +643,34 @@ def build_noisy_dataset(
             position[copy_item], position[source] = position[source], position[copy_item]
     everything = rows + copies + leaks
     return [everything[item] for item in sorted(position, key=position.get)]
+
+
+def load_noisy_dataset(path: Path = NOISY_FILE) -> list[dict]:
+    """The shipped labelled noisy set: `build_noisy_dataset` of the course's train split
+    with the eval split's leaks, seed 0, one JSON object per line. A bad line raises
+    `ValueError` naming the line.
+
+    Rebuild it (after the course data change) with:
+    `save_jsonl(build_noisy_dataset(read_split("train"), read_split("eval")), NOISY_FILE)`.
+    """
+    rows = []
+    for number, line in enumerate(Path(path).read_text(encoding="utf-8").splitlines(), 1):
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as error:
+            raise ValueError(
+                f"{Path(path).name} line {number}: not valid JSON ({error.msg})"
+            ) from error
+        if not isinstance(row, dict) or row.get("defect") not in (CLEAN, *DEFECTS):
+            raise ValueError(f"{Path(path).name} line {number}: no known 'defect' label")
+        rows.append(row)
+    return rows
+
+
+def save_jsonl(rows: Iterable[Mapping], path: Path) -> None:
+    """Write `rows` as JSON lines (UTF-8, non-ASCII kept readable)."""
+    lines = (json.dumps(row, ensure_ascii=False) for row in rows)
+    Path(path).write_text("".join(line + "\n" for line in lines), encoding="utf-8")
 
 
 # === 6. Measuring a filter =================================================================

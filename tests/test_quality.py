@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 
 from sft_helpers import quality
+from sft_helpers.data import read_split
 from sft_helpers.quality import (
     build_noisy_dataset,
     contamination,
@@ -22,12 +23,14 @@ from sft_helpers.quality import (
     flag_dataset,
     inject_defect,
     jaccard,
+    load_noisy_dataset,
     lsh_bands,
     minhash_signature,
     near_duplicate_of,
     near_duplicate_pairs,
     precision_recall,
     quality_report,
+    save_jsonl,
     score_sft_example,
     shingles,
     to_instruction_response,
@@ -148,7 +151,7 @@ def test_each_rule_fires(turns, reason):
     ],
 )
 def test_rules_leave_clean_replies_alone(reply):
-    assert reasons("A question with enough words to ask?", reply) == set()
+    assert reasons("A question with enough words to ask?", reply, house_style=False) == set()
 
 
 def test_short_reply_on_a_multi_turn_conversation_names_its_turn():
@@ -179,16 +182,24 @@ def test_system_message_then_alternation_is_in_order():
     assert quality_report(conversation) == {}
 
 
-def test_persona_check_is_applied_to_every_reply():
-    def mentions_water(reply: str) -> bool:
-        return "water" in reply.lower()
+def test_off_persona_is_the_house_style_fallback():
+    generic = "Steam rises quickly above 100 degrees, as an AI I can say."
+    found = quality_report(chat("Q?", GOOD_REPLY, "Q2?", generic))
+    assert found == {
+        "off_persona": "reply 3 breaks the house style: no blank line after the answer line"
+    }
+    assert quality_report(chat("Q?", GOOD_REPLY, "Q2?", generic), house_style=False) == {}
+    # a reply already flagged for a more specific reason is not also off-persona
+    assert set(quality_report(chat("Q?", "Sure! " + GOOD_REPLY))) == {"sycophantic_opener"}
 
-    found = quality_report(
-        chat("Q?", GOOD_REPLY, "Q2?", "Steam rises quickly above 100 degrees."),
-        persona_check=mentions_water,
-    )
-    assert found == {"off_persona": "reply 3 does not follow the persona"}
-    assert quality_report(chat("Q?", GOOD_REPLY), persona_check=mentions_water) == {}
+
+def test_identity_conversation_must_name_the_persona():
+    reply = "I am a helpful assistant.\n\n### Details\nI answer questions."
+    assert quality_report(chat("Who are you?", reply)) == {}
+    found = quality_report(chat("Who are you?", reply), expects_persona=True)
+    assert "no reply names Pip" in found["off_persona"]
+    named = "I'm Pip, the SFT course assistant.\n\n### Details\nI answer questions."
+    assert quality_report(chat("Who are you?", named), expects_persona=True) == {}
 
 
 @pytest.mark.parametrize(
@@ -291,20 +302,37 @@ def test_near_duplicate_threshold_is_validated():
 
 
 def test_contamination_finds_a_planted_overlap():
-    eval_texts = ["What is the boiling point of water at sea level in degrees Celsius?"]
-    train = [
-        "Tell me: what is the boiling point of water at sea level in degrees? Thanks.",
-        "What is the boiling point of ethanol?",  # shares only a 6-gram
-        "Completely unrelated text about cats and their favourite sleeping spots today.",
+    eval_texts = [
+        "What do cats eat? Cats eat meat, mostly small animals they hunt at night.",
+        "What is the boiling point of water at sea level in degrees Celsius? It is 100.",
     ]
-    found = contamination(train, eval_texts, n=8)
-    assert found == ["what is the boiling point of water at", None, None]
-    assert contamination(train, eval_texts, n=6)[1] == "what is the boiling point of"
+    train = [
+        "Unrelated. What is the boiling point of water at sea level in degrees Celsius? 100.",
+        "What is the boiling point of water at sea level in Kelvin? It is 373 degrees.",
+        "Completely unrelated text about dogs and their favourite sleeping spots today.",
+    ]
+    # the second eval text has 16 words, so 9 word 8-grams; the first training text has 6
+    found = contamination(train, eval_texts, n=8, min_overlap=0.6)
+    assert found == [(1, 6 / 9), None, None]
+    assert contamination(train, eval_texts, n=8, min_overlap=0.7) == [None, None, None]
+    assert contamination([eval_texts[1].upper()], eval_texts) == [(1, 1.0)]  # a verbatim copy
+    # a shorter n-gram finds the partial overlap of the second example too
+    assert contamination(train, eval_texts, n=4, min_overlap=0.3)[1] is not None
 
 
-def test_contamination_rejects_bad_n():
+def test_contamination_is_not_fooled_by_a_shared_phrase():
+    phrase = "I'm Pip, the SFT course assistant, here to help you today."
+    eval_texts = [f"Who are you? {phrase} I explain fine-tuning step by step."]
+    train = [f"Hi! {phrase} Ask me about chat templates and loss masking."]
+    assert contamination(train, eval_texts, n=8, min_overlap=1e-9) == [(0, 5 / 15)]
+    assert contamination(train, eval_texts, n=8) == [None]
+
+
+def test_contamination_rejects_bad_arguments():
     with pytest.raises(ValueError, match="positive"):
         contamination(["a"], ["a"], n=0)
+    with pytest.raises(ValueError, match="min_overlap"):
+        contamination(["a"], ["a"], min_overlap=0)
 
 
 # --- whole datasets ----------------------------------------------------------------------
@@ -332,7 +360,7 @@ def noisy_examples() -> tuple[list[dict], list[dict]]:
         {
             "messages": chat(
                 "Which metal melts at 1538 degrees Celsius in a furnace?",
-                "Iron melts at 1538 degrees Celsius in a furnace.",
+                "Iron melts at 1538 degrees Celsius.\n\n### Details\nIn a furnace.",
             )
         }
     ]
@@ -349,7 +377,7 @@ def noisy_examples() -> tuple[list[dict], list[dict]]:
                 clean[2]["messages"][1]["content"] + " Indeed.",
             )
         },
-        {"messages": chat("Which metal melts at 1538 degrees Celsius in a furnace?", GOOD_REPLY)},
+        {"messages": eval_examples[0]["messages"]},  # a leak: the eval conversation itself
         {"messages": chat("Short?", "Yes.")},
     ]
     return noisy, eval_examples
@@ -416,7 +444,7 @@ def test_each_injected_defect_is_caught_by_its_rule(defect):
         flagged = flag_dataset([{"messages": source}, {"messages": injected}])
         assert flagged[1]["reasons"] == [defect]
     else:
-        found = quality_report(injected, persona_check=lambda reply: "As an AI" not in reply)
+        found = quality_report(injected)
         assert defect in found, found
 
 
@@ -435,7 +463,7 @@ def test_build_noisy_dataset_labels_and_order():
     assert labels.count("none") == 120 - 6 * 4
     assert noisy == build_noisy_dataset(clean, eval_examples, per_defect=4, seed=1)
     assert noisy != build_noisy_dataset(clean, eval_examples, per_defect=4, seed=2)
-    flagged = flag_dataset(noisy, eval_examples, persona_check=lambda r: "As an AI" not in r)
+    flagged = flag_dataset(noisy, eval_examples)
     table = {
         row["defect"]: row
         for row in filter_table([r["reasons"] for r in flagged], labels, [True] * len(labels))
@@ -451,3 +479,29 @@ def test_precision_recall_edge_cases():
     assert precision_recall([True], ["none"], "too_short") == (0.0, None)
     with pytest.raises(ValueError, match="2 flags but 1 labels"):
         precision_recall([True, False], ["none"])
+
+
+# --- the shipped noisy set and the course data -------------------------------------------
+
+
+def test_shipped_noisy_set_is_the_seeded_build():
+    train, eval_records = read_split("train"), read_split("eval")
+    shipped = load_noisy_dataset()
+    assert shipped == build_noisy_dataset(train, eval_records, seed=0)
+    labels = [row["defect"] for row in shipped]
+    assert all(labels.count(d) == quality.NOISY_PER_DEFECT for d in quality.DEFECTS)
+
+
+def test_no_rule_fires_on_the_clean_course_data():
+    train, eval_records = read_split("train"), read_split("eval")
+    assert all(not row["reasons"] for row in flag_dataset(train, eval_records))
+
+
+def test_load_noisy_dataset_names_a_bad_line(tmp_path):
+    path = tmp_path / "noisy.jsonl"
+    save_jsonl([{"messages": [], "defect": "none"}, {"messages": [], "defect": "typo"}], path)
+    with pytest.raises(ValueError, match="noisy.jsonl line 2: no known 'defect'"):
+        load_noisy_dataset(path)
+    path.write_text('{"defect": "none"}\n{oops\n')
+    with pytest.raises(ValueError, match="line 2: not valid JSON"):
+        load_noisy_dataset(path)
