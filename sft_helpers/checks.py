@@ -442,3 +442,87 @@ def check_debiased_preference(p_a_first: float, p_b_first: float, answer: float)
         "p_a_first.",
         f"{expected:.3f}: a constant preference for the first slot cancels in the average.",
     )
+
+
+# --- 05_qlora_memory ---------------------------------------------------------------------
+
+
+def check_nf4_levels(answer: torch.Tensor) -> None:
+    """Exercise 05.1: the 16 NF4 levels, built from normal quantiles."""
+    from sft_helpers.quant import NF4_CODE
+
+    answer = torch.as_tensor(answer, dtype=torch.float32).flatten()
+    if answer.numel() != 16:
+        hint = f"4 bits give 16 levels, you have {answer.numel()}."
+    elif not torch.all(answer[1:] > answer[:-1]):
+        hint = "sort the levels from -1 to 1 (and keep exactly one 0)."
+    elif (answer > 0).sum() != 8:
+        hint = ("NF4 is asymmetric: 8 positive levels (quantiles of 9 points from the offset "
+                "down to 0.5, dropping 0.5), 7 negative ones (8 points), and 0.")
+    else:
+        hint = ("take torch.special.ndtri of torch.linspace(offset, 0.5, n)[:-1] in float64, "
+                "negate the 7 negative ones, add 0, then divide by the largest.")
+    _verdict(
+        answer.numel() == 16 and torch.allclose(answer, NF4_CODE, atol=1e-6),
+        hint,
+        "these are bitsandbytes' NF4 levels: -1, ..., 0, ..., 1.",
+    )
+
+
+def check_nf4_codes(block: torch.Tensor, answer) -> None:
+    """Exercise 05.2: the NF4 codes of `block`, quantized as one block by hand."""
+    from sft_helpers.quant import quantize_nf4
+
+    expected = quantize_nf4(block, blocksize=block.numel())[0].tolist()
+    given = [int(c) for c in torch.as_tensor(answer).flatten().tolist()]
+    _verdict(
+        given == expected,
+        "divide the block by its absmax (the largest |value|), then take for each value "
+        "the index of the nearest NF4 level (argmin of the absolute difference).",
+        f"codes {expected}: the largest magnitude always lands on level 0 or 15 exactly.",
+    )
+
+
+def check_constants_bits(answer: float) -> None:
+    """Exercise 05.3: bits per weight of double-quantized constants (tables and offset aside)."""
+    expected = 8 / 64 + 32 / (64 * 256)
+    if abs(answer - 0.5) < 1e-6:
+        hint = "0.5 is one float32 per 64 weights: that is without double quantization."
+    elif abs(answer - 8 / 64) < 1e-6:
+        hint = ("0.125 counts the 8-bit absmax only; each block of 256 of them also keeps "
+                "one float32 scale.")
+    else:
+        hint = "add 8 bits per block of 64 weights and 32 bits per 256 such blocks."
+    _verdict(
+        isinstance(answer, int | float) and abs(answer - expected) < 1e-4,
+        hint,
+        f"{expected:.4f} bits per weight, down from 0.5: 0.373 bits saved, ~3 GB on a 70B model.",
+    )
+
+
+def check_longest_sequence(answer: int, gib: float = 16.0) -> None:
+    """Exercise 05.4: the longest seq_len (a multiple of 1024) at which QLoRA of Llama-3-8B
+    (the estimator's defaults, batch 1) fits in `gib` GiB."""
+    from sft_helpers.architectures import load_config
+    from sft_helpers.memory import GIB, estimate_memory
+
+    config = load_config("llama-3-8b")
+    longest = 0
+    while estimate_memory(config, "qlora", seq_len=longest + 1024).total <= gib * GIB:
+        longest += 1024
+    _verdict(
+        answer == longest,
+        "loop seq_len over 1024, 2048, ... and keep the last one whose "
+        "estimate_memory(config, 'qlora', seq_len=...).total is at most 16 * 2**30 bytes.",
+        f"{longest} tokens: past that, the activations (mostly the logits) no longer fit.",
+    )
+
+
+def check_trainable_count(model: torch.nn.Module, answer: int) -> None:
+    """Exercise 05.5: the trainable parameters of the QLoRA model."""
+    expected = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    _verdict(
+        answer == expected,
+        "count only the parameters with requires_grad=True (the 4-bit base is frozen).",
+        f"{expected:,}: the adapters, and nothing else.",
+    )
