@@ -85,11 +85,13 @@ def style_problems(reply: str) -> list[str]:
     elif first.startswith("#"):
         problems.append("opens with a heading instead of the answer")
     elif _FILLER.match(first):
-        problems.append(f"opens with filler ({_FILLER.match(first).group(0)!r}) instead of the answer")
+        filler = _FILLER.match(first).group(0)
+        problems.append(f"opens with filler ({filler!r}) instead of the answer")
     elif first.endswith(":"):
         problems.append("the first line is a lead-in ending with ':' instead of the answer")
-    if len(first.split()) > MAX_ANSWER_WORDS:
-        problems.append(f"the answer line has {len(first.split())} words (at most {MAX_ANSWER_WORDS})")
+    n_words = len(first.split())
+    if n_words > MAX_ANSWER_WORDS:
+        problems.append(f"the answer line has {n_words} words (at most {MAX_ANSWER_WORDS})")
     if len(lines) < 2 or lines[1].strip():
         problems.append("no blank line after the answer line")
     elif len(lines) < 3 or lines[2].strip() != DETAILS_HEADING:
@@ -145,7 +147,9 @@ def compliance_rate(examples: Sequence[Mapping], replies: Sequence[str]) -> dict
     {'house_style': 1.0, 'persona': 1.0, 'compliant': 1.0, 'n': 1}
     """
     if len(examples) != len(replies):
-        raise ValueError(f"{len(examples)} examples but {len(replies)} replies: pair them one to one")
+        raise ValueError(
+            f"{len(examples)} examples but {len(replies)} replies: pair them one to one"
+        )
     if not examples:
         raise ValueError("no examples: a compliance rate of nothing is undefined")
     scores = [compliance(e, r) for e, r in zip(examples, replies, strict=True)]
