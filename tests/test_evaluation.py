@@ -176,6 +176,7 @@ def test_rouge_l(generated, reference, expected):
         ("As an AI, I don't have opinions.", True),
         ("I am unable to browse the web.", True),
         ("I can't write malware.", True),
+        ("I can\u2019t help with that.", True),
         ("I won't give instructions for that.", True),
         ("Paris is the capital of France.", False),
         ("You can't divide by zero: the result is undefined.", False),
