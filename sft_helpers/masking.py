@@ -27,6 +27,7 @@ import bisect
 import re
 from collections.abc import Mapping, Sequence
 
+import numpy as np
 import torch
 from jinja2.exceptions import TemplateError
 
@@ -75,7 +76,7 @@ def validate_conversation(conversation, index: int | None = None) -> None:
         raise ValueError(f"{where}: {len(conversation)} messages, more than {_MAX_MESSAGES}")
     for i, message in enumerate(conversation):
         where = _where(index, i)
-        if not isinstance(message, Mapping):
+        if not isinstance(message, (dict, Mapping)):  # dict first: the common, fast case
             raise ValueError(
                 f"{where}: expected a mapping with 'role' and 'content', "
                 f"got {type(message).__name__}"
@@ -100,25 +101,28 @@ def validate_conversation(conversation, index: int | None = None) -> None:
         raise ValueError(f"{_where(index)}: no assistant message, so there is nothing to train on")
 
 
-def _chat_ids(tokenizer, conversation, **kwargs) -> list[int]:
-    """Token ids of `apply_chat_template` (transformers 5 returns a BatchEncoding by default)."""
-    return tokenizer.apply_chat_template(conversation, tokenize=True, return_dict=False, **kwargs)
+def _chat_tensor(tokenizer, conversation, **kwargs) -> torch.Tensor:
+    """`apply_chat_template` ids as a 1-D tensor, the way the prefix loop is usually written
+    (`return_tensors="pt"`; transformers 5 returns a BatchEncoding by default)."""
+    encoding = tokenizer.apply_chat_template(conversation, return_tensors="pt", **kwargs)
+    return encoding["input_ids"][0]
 
 
 def naive_tokenize_with_masking(conversation, tokenizer, max_length: int = 2048) -> dict:
     """The prefix loop: for each non-assistant message, render the conversation up to it
     with the generation prompt and mask that many leading tokens.
 
-    Kept to teach from. Each mask covers everything before the NEXT assistant reply,
-    earlier assistant replies included, so only the last assistant turn is trained; and it
-    renders the template once per non-assistant message (quadratic work in the turns).
+    Kept to teach from, as it is usually written. Each mask covers everything before the
+    NEXT assistant reply, earlier replies included, so only the last assistant turn is
+    trained; and it renders the template once per non-assistant message (quadratic work in
+    the number of turns). Truncation can silently leave no trained token at all.
     """
-    full = torch.tensor(_chat_ids(tokenizer, conversation), dtype=torch.long)
+    full = _chat_tensor(tokenizer, conversation)
     labels = full.clone()
     for i, message in enumerate(conversation):
         if message["role"] == "assistant":
             continue
-        prefix = _chat_ids(tokenizer, conversation[: i + 1], add_generation_prompt=True)
+        prefix = _chat_tensor(tokenizer, conversation[: i + 1], add_generation_prompt=True)
         labels[: len(prefix)] = IGNORE_INDEX
     input_ids = full[:max_length]
     return {
@@ -189,14 +193,15 @@ def _spans_from_markers(marked_text: str, conversation, index: int | None):
             end += len(trail) + 1
             n_reserved += 1
         spans[i] = (start, end)
-    if len(_RESERVED.findall(marked_text)) != n_reserved:
+    reserved = [match.start() for match in _RESERVED.finditer(marked_text)]
+    if len(reserved) != n_reserved:
         raise ValueError(
             f"{_where(index)}: the chat template moves or copies part of an assistant content, "
             "so the assistant spans cannot be determined"
         )
 
-    def clean(position: int) -> int:
-        return position - len(_RESERVED.findall(marked_text, 0, position))
+    def clean(position: int) -> int:  # the position once the markers before it are removed
+        return position - bisect.bisect_left(reserved, position)
 
     text = _RESERVED.sub("", marked_text)
     return text, {i: (clean(start), clean(end)) for i, (start, end) in spans.items()}
@@ -255,24 +260,46 @@ def assistant_spans(conversation, tokenizer, index: int | None = None):
     return _spans_from_markers(render_marked(conversation, tokenizer, index), conversation, index)
 
 
-def _labels(input_ids, offsets, spans, special_ids, index) -> list[int]:
+def _encode(tokenizer, text: str):
+    """`text` encoded as `apply_chat_template` does (no special tokens added), as an object
+    with `ids`, `char_to_token` and `token_to_chars`. The Rust tokenizer is called directly,
+    skipping the Python wrapper's per-call setup, when no truncation or padding is left set
+    on it; otherwise the wrapper (which resets them) is used."""
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    if backend is not None and backend.truncation is None and backend.padding is None:
+        return backend.encode(text, add_special_tokens=False)
+    encoding = tokenizer(text, add_special_tokens=False)
+    encoding.ids = encoding["input_ids"]
+    return encoding
+
+
+def _first_token(encoding, start: int, end: int, closing: int) -> int:
+    """The first token that overlaps the characters [start, end); `closing` if none does."""
+    for position in range(start, end):  # a character the tokenizer dropped maps to no token
+        token = encoding.char_to_token(position)
+        if token is not None:
+            return token
+    return closing
+
+
+def _labels(encoding, input_ids: np.ndarray, spans, special_ids, index) -> np.ndarray:
     """Labels from character spans: every token that overlaps an assistant content (the
     rule transformers uses for `{% generation %}` spans), plus the end-of-turn token that
     must start exactly where the content ends."""
-    starts = [a for a, _ in offsets]
-    ends = [b for _, b in offsets]
-    labels = [IGNORE_INDEX] * len(input_ids)
+    labels = np.full_like(input_ids, IGNORE_INDEX)
     for i, (start, end) in spans.items():
-        first = bisect.bisect_right(ends, start)
-        stop = bisect.bisect_left(starts, end)
-        closing = stop if stop < len(input_ids) and starts[stop] == end else None
-        if closing is None or input_ids[closing] not in special_ids:
+        closing = encoding.char_to_token(end)
+        if (
+            closing is None
+            or encoding.token_to_chars(closing)[0] != end
+            or int(input_ids[closing]) not in special_ids
+        ):
             raise ValueError(
                 f"{_where(index, i)}: no special end-of-turn token right after this assistant "
                 "content, so the turn's end cannot be trained (the model would never learn to stop)"
             )
-        for t in range(first, closing + 1):
-            labels[t] = input_ids[t]
+        first = _first_token(encoding, start, end, closing)
+        labels[first:closing + 1] = input_ids[first:closing + 1]
     return labels
 
 
@@ -295,20 +322,20 @@ def tokenize_with_masking(
     if not isinstance(max_length, int) or max_length < 1:
         raise ValueError(f"max_length must be a positive int, not {max_length!r}")
     text, spans = assistant_spans(conversation, tokenizer, index)
-    encoding = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
-    input_ids = encoding["input_ids"]
-    labels = _labels(input_ids, encoding["offset_mapping"], spans, _special_ids(tokenizer), index)
-    if all(label == IGNORE_INDEX for label in labels[:max_length]):
-        first = next(t for t, label in enumerate(labels) if label != IGNORE_INDEX)
+    encoding = _encode(tokenizer, text)
+    input_ids = np.array(encoding.ids, dtype=np.int64)
+    labels = _labels(encoding, input_ids, spans, _special_ids(tokenizer), index)
+    trained = np.flatnonzero(labels != IGNORE_INDEX)
+    if trained[0] >= max_length:
         raise AllMaskedError(
             f"{_where(index)}: {len(input_ids)} tokens, and max_length={max_length} cuts away "
-            f"every trained token (the first is token {first}); its loss would be NaN"
+            f"every trained token (the first is token {trained[0]}); its loss would be NaN"
         )
-    ids = torch.tensor(input_ids[:max_length], dtype=torch.long)
+    ids = torch.from_numpy(input_ids[:max_length].copy())
     return {
         "input_ids": ids,
         "attention_mask": torch.ones_like(ids),
-        "labels": torch.tensor(labels[:max_length], dtype=torch.long),
+        "labels": torch.from_numpy(labels[:max_length].copy()),
     }
 
 
