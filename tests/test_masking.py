@@ -369,3 +369,22 @@ def test_property_agrees_with_transformers_generation_mask(speaker_name, chat):
     example = tokenize_with_masking(chat, speaker, max_length=NO_LIMIT)
     assert example["input_ids"].tolist() == library["input_ids"]
     assert (example["labels"] != IGNORE_INDEX).long().tolist() == library["assistant_masks"]
+
+
+def test_same_labels_when_the_rust_tokenizer_has_truncation_set(tokenizer):
+    # With truncation or padding left set on the Rust tokenizer, encoding goes through the
+    # transformers wrapper (which resets them); both routes must give the same example.
+    import copy
+
+    wrapped = copy.deepcopy(tokenizer)
+    wrapped.backend_tokenizer.enable_truncation(max_length=100_000)
+    chat = [
+        {"role": "user", "content": "Hi 🙂"},
+        {"role": "assistant", "content": "  Hello 数据\n"},
+    ]
+    direct, via_wrapper = (
+        tokenize_with_masking(chat, tokenizer),
+        tokenize_with_masking(chat, wrapped),
+    )
+    assert all(torch.equal(direct[k], via_wrapper[k]) for k in direct)
+    assert wrapped.backend_tokenizer.truncation is None, "the wrapper reset it"
