@@ -162,6 +162,39 @@ def compliance_rate(examples: Sequence[Mapping], replies: Sequence[str]) -> dict
     }
 
 
+def measure_compliance(
+    model,
+    tokenizer,
+    records: Sequence[Mapping],
+    *,
+    max_new_tokens: int = 40,
+    batch_size: int = 16,
+    progress: bool = True,
+) -> tuple[dict[str, float], list[str]]:
+    """`(compliance_rate(records, replies), replies)`: `model`'s greedy replies to the
+    eval `records` (whose `messages` end with the user turn), in the records' order.
+
+    40 new tokens are enough: the style shows in the answer line and the heading. Prompts
+    are batched shortest first (less left padding), then put back in order.
+
+    >>> rates, replies = measure_compliance(model, tokenizer, read_split("eval"))  # doctest: +SKIP
+    """
+    from sft_helpers.evaluation import evaluate_sft_model
+
+    def prompt_length(i: int) -> int:
+        return len(tokenizer.apply_chat_template(records[i]["messages"], tokenize=False))
+
+    order = sorted(range(len(records)), key=prompt_length)
+    results = evaluate_sft_model(
+        model, tokenizer, [records[i] for i in order], max_new_tokens=max_new_tokens,
+        do_sample=False, batch_size=batch_size, progress=progress,
+    )
+    replies = [""] * len(records)
+    for i, result in zip(order, results, strict=True):
+        replies[i] = result["generated"]
+    return compliance_rate(records, replies), replies
+
+
 # --- the shipped data --------------------------------------------------------------------
 
 

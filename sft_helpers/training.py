@@ -1,0 +1,317 @@
+"""Training with TRL: `train_sft`, a thin layer over `SFTTrainer`, and the cached course adapter.
+
+`train_sft` tokenizes conversations with the course's own loss masking
+(`sft_helpers.masking.tokenize_with_masking`: labels are -100 everywhere except the
+assistant's replies and their closing <|im_end|>), hands TRL the ready `input_ids`/`labels`
+columns (TRL keeps a `labels` column as is), and trains a LoRA adapter passed through
+`peft_config`. Why our masks rather than TRL's `assistant_only_loss=True`: that option
+needs a template with `{% generation %}` markers, which the default model's template lacks;
+our masking works on any template, and notebook 03 checks that both give the same labels.
+
+`course_adapter` trains the course's LoRA adapter (Pip, the house style) once and caches
+it under `$SFT_CACHE_DIR/models/`, keyed by a hash of its configuration and of the data, so
+that later notebooks load it in seconds; a corrupt cache entry is rebuilt.
+
+    >>> path = course_adapter()                                   # doctest: +SKIP
+    >>> model, tokenizer = load_course_model(path)                # doctest: +SKIP
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import shutil
+import warnings
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+
+import torch
+
+from sft_helpers.data import DATA_DIR, SPLIT_FILES, read_split
+from sft_helpers.environment import seed_everything
+from sft_helpers.masking import mask_dataset
+from sft_helpers.models import DEFAULT_PROFILE, cache_root, cached_entry, load_model
+
+# Every linear layer of a Llama block: attention and MLP.
+LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+# The course adapter's recipe. Sized for a 2-core CPU (see notebook 03): short replies,
+# a high LoRA learning rate (format and persona are learned in a few dozen steps).
+COURSE_CONFIG: dict = {
+    "profile": DEFAULT_PROFILE,
+    "max_length": 192,
+    "max_steps": 24,
+    "batch_size": 4,
+    "learning_rate": 2e-3,
+    "warmup_steps": 2,
+    "lora_r": 8,
+    "lora_alpha": 16,
+    "target_modules": list(LORA_TARGETS),
+    "packing": False,
+    "seed": 0,
+}
+TRAINING_LOG = "training_log.json"
+ADAPTER_PREFIX = "course-adapter"
+
+
+def lora_config(r: int = 8, alpha: int = 16, target_modules: Sequence[str] = LORA_TARGETS):
+    """The PEFT `LoraConfig` of the course: rank `r`, scale alpha/r, no dropout.
+
+    No dropout keeps a CPU run bit-for-bit repeatable (and a few dozen steps do not overfit).
+
+    >>> lora_config(r=4).r
+    4
+    """
+    from peft import LoraConfig
+
+    return LoraConfig(
+        r=r, lora_alpha=alpha, lora_dropout=0.0, target_modules=list(target_modules),
+        bias="none", task_type="CAUSAL_LM",
+    )
+
+
+def masked_dataset(conversations: Sequence, tokenizer, max_length: int):
+    """A `datasets.Dataset` of `input_ids` and `labels` (assistant tokens only), built with
+    `sft_helpers.masking.mask_dataset`; conversations that `max_length` leaves with no
+    trained token are dropped (and counted in the printed note).
+
+    >>> masked_dataset(chats, tokenizer, 256).column_names        # doctest: +SKIP
+    ['input_ids', 'labels']
+    """
+    from datasets import Dataset
+
+    examples, n_dropped = mask_dataset(conversations, tokenizer, max_length)
+    if not examples:
+        raise ValueError(
+            f"all {len(conversations)} conversations lost every assistant token to "
+            f"max_length={max_length}: raise max_length"
+        )
+    if n_dropped:
+        print(f"dropped {n_dropped} of {len(conversations)} conversations: max_length={max_length} "
+              "cut away all of their assistant tokens")
+    return Dataset.from_dict({
+        "input_ids": [e["input_ids"].tolist() for e in examples],
+        "labels": [e["labels"].tolist() for e in examples],
+    })
+
+
+def sft_config(
+    output_dir: str | Path,
+    *,
+    max_length: int,
+    max_steps: int,
+    batch_size: int,
+    learning_rate: float,
+    warmup_steps: int = 0,
+    packing: bool = False,
+    seed: int = 0,
+    dtype: torch.dtype = torch.float32,
+    progress: bool = True,
+):
+    """The `SFTConfig` that `train_sft` uses: today's TRL names (`max_length`, `packing`),
+    a loss logged at every step, nothing saved or reported, mixed precision from `dtype`.
+
+    `packing=True` uses TRL's best-fit-decreasing packing, which is padding-free: the
+    sequences of a batch are concatenated and their `position_ids` restart at 0 at each
+    boundary, from which the model builds a per-sequence (block-diagonal) attention mask.
+    """
+    from trl import SFTConfig
+
+    return SFTConfig(
+        output_dir=str(output_dir),
+        max_length=max_length,
+        packing=packing,
+        max_steps=max_steps,
+        per_device_train_batch_size=batch_size,
+        gradient_accumulation_steps=1,
+        learning_rate=learning_rate,
+        lr_scheduler_type="linear",
+        warmup_steps=warmup_steps,
+        logging_steps=1,
+        save_strategy="no",
+        report_to="none",
+        seed=seed,
+        data_seed=seed,
+        bf16=dtype == torch.bfloat16,
+        fp16=dtype == torch.float16,
+        dataloader_num_workers=0,
+        dataloader_pin_memory=torch.cuda.is_available(),
+        disable_tqdm=not progress,
+    )
+
+
+@contextlib.contextmanager
+def _quiet_preparation():
+    """Hide what says nothing to a learner: TRL's per-map dataset bars and transformers'
+    own deprecation notice about a `gradient_checkpointing` field TRL still reads."""
+    import datasets
+
+    bars = datasets.is_progress_bar_enabled()
+    datasets.disable_progress_bars()
+    try:
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", r".*gradient_checkpointing.*deprecated",
+                                    FutureWarning)
+            yield
+    finally:
+        if bars:
+            datasets.enable_progress_bars()
+
+
+def train_sft(
+    model,
+    tokenizer,
+    conversations: Sequence,
+    *,
+    output_dir: str | Path,
+    max_length: int = 192,
+    max_steps: int = 24,
+    batch_size: int = 4,
+    learning_rate: float = 2e-3,
+    warmup_steps: int = 0,
+    packing: bool = False,
+    peft_config=None,
+    seed: int = 0,
+    progress: bool = True,
+):
+    """Fine-tune `model` on `conversations` (lists of messages) with TRL's `SFTTrainer`.
+
+    The loss covers the assistant's tokens only (our masking). `peft_config` defaults to
+    `lora_config()`; TRL wraps the model with it. Seeded: on the CPU two runs with the same
+    arguments give the same loss at every step. Returns the trained trainer:
+    `trainer.model` is the PEFT model, `loss_history(trainer)` the loss per step.
+
+    >>> trainer = train_sft(model, tokenizer, chats, output_dir="out")  # doctest: +SKIP
+    """
+    from transformers.trainer_callback import PrinterCallback
+    from trl import SFTTrainer
+
+    if not conversations:
+        raise ValueError("no conversations to train on")
+    seed_everything(seed)
+    dataset = masked_dataset(conversations, tokenizer, max_length)
+    with _quiet_preparation():
+        args = sft_config(
+            output_dir, max_length=max_length, max_steps=max_steps, batch_size=batch_size,
+            learning_rate=learning_rate, warmup_steps=warmup_steps, packing=packing, seed=seed,
+            dtype=model.dtype, progress=progress,
+        )
+        trainer = SFTTrainer(
+            model=model,
+            args=args,
+            train_dataset=dataset,
+            processing_class=tokenizer,
+            peft_config=peft_config if peft_config is not None else lora_config(),
+        )
+        if not progress:  # without a progress bar, Trainer prints every log line instead
+            trainer.remove_callback(PrinterCallback)
+        trainer.train()
+    return trainer
+
+
+def _logged(trainer, key: str) -> list:
+    return [entry[key] for entry in trainer.state.log_history if key in entry]
+
+
+def loss_history(trainer) -> list[float]:
+    """The training loss at each logged step, in order."""
+    return _logged(trainer, "loss")
+
+
+# --- the cached course adapter ------------------------------------------------------------
+
+
+def _data_digest(data_dir: Path) -> str:
+    digest = hashlib.sha256()
+    for split in sorted(SPLIT_FILES):
+        digest.update((Path(data_dir) / SPLIT_FILES[split]).read_bytes())
+    return digest.hexdigest()
+
+
+def adapter_key(config: Mapping, data_dir: Path = DATA_DIR) -> str:
+    """The cache key of an adapter: a hash of its config and of the course data files.
+
+    >>> adapter_key(COURSE_CONFIG) == adapter_key(dict(COURSE_CONFIG))
+    True
+    >>> adapter_key(COURSE_CONFIG) == adapter_key({**COURSE_CONFIG, "max_steps": 1})
+    False
+    """
+    payload = json.dumps({"config": dict(config), "data": _data_digest(data_dir)}, sort_keys=True)
+    return hashlib.sha256(payload.encode()).hexdigest()[:16]
+
+
+def _config_with(overrides: Mapping) -> dict:
+    unknown = set(overrides) - set(COURSE_CONFIG)
+    if unknown:
+        raise ValueError(f"unknown course adapter settings {sorted(unknown)}; "
+                         f"the settings are {sorted(COURSE_CONFIG)}")
+    return {**COURSE_CONFIG, **overrides}
+
+
+def _build_adapter(config: Mapping, data_dir: Path):
+    def build(directory: Path) -> None:
+        model, tokenizer = load_model(config["profile"])
+        conversations = [r["messages"] for r in read_split("train", data_dir)]
+        trainer = train_sft(
+            model, tokenizer, conversations, output_dir=directory / "trainer",
+            max_length=config["max_length"], max_steps=config["max_steps"],
+            batch_size=config["batch_size"], learning_rate=config["learning_rate"],
+            warmup_steps=config["warmup_steps"], packing=config["packing"],
+            peft_config=lora_config(
+                config["lora_r"], config["lora_alpha"], config["target_modules"]
+            ),
+            seed=config["seed"],
+        )
+        shutil.rmtree(directory / "trainer", ignore_errors=True)
+        trainer.model.save_pretrained(directory)
+        log = {
+            "config": dict(config),
+            "loss": loss_history(trainer),
+            # The training loop alone (TRL's train_runtime): no loading, no tokenizing.
+            "train_seconds": _logged(trainer, "train_runtime")[-1],
+            "train_tokens": _logged(trainer, "num_tokens")[-1],
+            "device": str(trainer.model.device),
+            "dtype": str(trainer.model.dtype).removeprefix("torch."),
+        }
+        (directory / TRAINING_LOG).write_text(json.dumps(log, indent=1))
+
+    return build
+
+
+def course_adapter(*, retrain: bool = False, data_dir: Path = DATA_DIR, **overrides) -> Path:
+    """The folder of the course LoRA adapter, trained on first use and cached.
+
+    Settings default to `COURSE_CONFIG` (keyword overrides, e.g. `profile="tiny"`); the
+    cache entry is `course-adapter-<key>` with `key = adapter_key(config)`, so a change
+    to the recipe or the data trains a new adapter. `retrain=True` discards a cached copy.
+    The folder holds the PEFT adapter and `training_log.json` (config, loss per step,
+    training time).
+    """
+    config = _config_with(overrides)
+    name = f"{ADAPTER_PREFIX}-{adapter_key(config, data_dir)}"
+    if retrain:
+        shutil.rmtree(cache_root() / "models" / name, ignore_errors=True)
+    return cached_entry(name, _build_adapter(config, data_dir))
+
+
+def training_log(adapter_dir: Path) -> dict:
+    """The `training_log.json` of a cached adapter: config, loss per step, time."""
+    return json.loads((Path(adapter_dir) / TRAINING_LOG).read_text())
+
+
+def load_course_model(adapter_dir: Path, *, merge: bool = False, device=None):
+    """`(model, tokenizer)`: the adapter's base profile with the adapter loaded, in eval mode.
+
+    `merge=True` folds the adapter into the base weights (`merge_and_unload`), giving a
+    plain transformers model with no PEFT layers.
+    """
+    from peft import PeftModel
+
+    profile = training_log(adapter_dir)["config"]["profile"]
+    base, tokenizer = load_model(profile, device=device)
+    model = PeftModel.from_pretrained(base, str(adapter_dir))
+    if merge:
+        model = model.merge_and_unload()
+    model.eval()
+    return model, tokenizer
+
