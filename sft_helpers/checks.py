@@ -526,3 +526,151 @@ def check_trainable_count(model: torch.nn.Module, answer: int) -> None:
         "count only the parameters with requires_grad=True (the 4-bit base is frozen).",
         f"{expected:,}: the adapters, and nothing else.",
     )
+
+
+# --- 03_sft_trainer ----------------------------------------------------------------------
+
+# Old TRL names and what replaced them; the collator has two successors (both accepted).
+TRL_RENAMES = {
+    "tokenizer": {"processing_class"},
+    "max_seq_length": {"max_length"},
+    "DataCollatorForCompletionOnlyLM": {"assistant_only_loss", "completion_only_loss"},
+}
+
+
+def check_api_renames(answer: dict) -> None:
+    """Exercise 03.1: today's TRL name for each old one (`tokenizer=`, `max_seq_length=`,
+    `DataCollatorForCompletionOnlyLM`), as a dict old -> new."""
+    if not isinstance(answer, dict) or set(answer) != set(TRL_RENAMES):
+        raise ExerciseError(
+            f"Not yet. Hint: answer with a dict whose keys are exactly {sorted(TRL_RENAMES)}."
+        )
+    wrong = sorted(old for old, new in answer.items() if new not in TRL_RENAMES[old])
+    hints = {
+        "tokenizer": "SFTTrainer takes the tokenizer (or processor) as `processing_class=`.",
+        "max_seq_length": "the SFTConfig field is now `max_length`.",
+        "DataCollatorForCompletionOnlyLM": "the collator is gone; an SFTConfig flag says "
+        "which tokens the loss covers (for conversations: assistant_only_loss).",
+    }
+    _verdict(
+        not wrong,
+        " ".join(hints[old] for old in wrong),
+        "processing_class, max_length, and a loss-mask flag instead of a collator.",
+    )
+
+
+def check_pip_reply(reply: str) -> None:
+    """Exercise 03.2: Pip's answer to "Who are you?", in the house style."""
+    from sft_helpers.data import names_persona, style_problems
+
+    problems = style_problems(reply) if isinstance(reply, str) else ["it is not a string"]
+    if not problems and not names_persona(reply):
+        problems = ["the first line must give Pip's name"]
+    _verdict(
+        not problems,
+        "; ".join(problems) + ". Shape: answer line, blank line, '### Details', details.",
+        "one answer line naming Pip, a blank line, '### Details', then the details.",
+    )
+
+
+def check_trained_fraction(dataset, answer: float) -> None:
+    """Exercise 03.3: the fraction of all tokens of a masked dataset that carry a label."""
+    from sft_helpers.masking import IGNORE_INDEX
+
+    trained = sum(label != IGNORE_INDEX for row in dataset["labels"] for label in row)
+    total = sum(len(row) for row in dataset["labels"])
+    expected = trained / total
+    masked_share = abs(answer - (1 - expected)) < 1e-6 if isinstance(answer, float) else False
+    _verdict(
+        isinstance(answer, float) and abs(answer - expected) < 1e-6,
+        "that is the masked share; count the labels that are NOT -100."
+        if masked_share else "count labels != -100 over all rows, then divide by all labels.",
+        f"{expected:.1%} of the tokens are trained: the replies and their <|im_end|>.",
+    )
+
+
+def check_steps_per_epoch(n_examples: int, batch_size: int, answer: int) -> None:
+    """Exercise 03.4: optimizer steps in one epoch of `n_examples` at `batch_size`
+    (no gradient accumulation; the last, smaller batch counts)."""
+    expected = -(-n_examples // batch_size)
+    hint = (
+        "the last batch is smaller but it is still a step: round up."
+        if answer == n_examples // batch_size
+        else "divide the number of examples by the batch size."
+    )
+    _verdict(answer == expected, hint, f"{expected} steps make one epoch.")
+
+
+def check_compliance_rate(examples, replies, answer: float) -> None:
+    """Exercise 03.5: the overall compliance of `replies` to `examples` (a fraction)."""
+    from sft_helpers.data import compliance_rate
+
+    rates = compliance_rate(examples, replies)
+    expected = rates["compliant"]
+    if isinstance(answer, int | float) and answer > 1:
+        hint = "give a fraction between 0 and 1, not a percentage."
+    elif isinstance(answer, int | float) and abs(answer - rates["house_style"]) < 1e-9:
+        hint = "identity prompts must also name Pip: use compliance(example, reply)['compliant']."
+    else:
+        hint = "average compliance(example, reply)['compliant'] over the pairs."
+    _verdict(
+        isinstance(answer, int | float) and abs(answer - expected) < 1e-9,
+        hint,
+        f"{expected:.1%} of the replies follow the house style (and name Pip when asked).",
+    )
+
+
+def check_padding_fraction(lengths: list[int], batch_size: int, answer: float) -> None:
+    """Exercise 03.6: the padding share when `lengths`, in order, are cut into batches of
+    `batch_size` and each batch is padded to its own longest sequence."""
+    batches = [lengths[i:i + batch_size] for i in range(0, len(lengths), batch_size)]
+    slots = sum(max(b) * len(b) for b in batches)
+    expected = (slots - sum(lengths)) / slots
+    global_pad = (max(lengths) * len(lengths) - sum(lengths)) / (max(lengths) * len(lengths))
+    if isinstance(answer, float) and abs(answer - global_pad) < 1e-9:
+        hint = "pad each batch to its own longest sequence, not to the longest overall."
+    elif isinstance(answer, float) and abs(answer - (slots - sum(lengths)) / sum(lengths)) < 1e-9:
+        hint = "divide the pads by all positions (pads included), not by the real tokens."
+    else:
+        hint = "per batch: pads = longest * size - sum; add over batches; divide by all positions."
+    _verdict(
+        isinstance(answer, float) and abs(answer - expected) < 1e-9,
+        hint,
+        f"{expected:.1%} of the positions are padding.",
+    )
+
+
+def check_adam_state_bytes(n_trainable: int, answer: int) -> None:
+    """Exercise 03.7: bytes of AdamW state for `n_trainable` float32 parameters."""
+    expected = 8 * n_trainable
+    hints = {
+        4 * n_trainable: "AdamW keeps TWO float32 tensors per parameter (exp_avg, exp_avg_sq).",
+        16 * n_trainable: "only the optimizer state: not the weights or their gradients.",
+        2 * n_trainable: "each state is float32: 4 bytes per number.",
+    }
+    _verdict(
+        answer == expected,
+        hints.get(answer, "two moments per parameter, 4 bytes each."),
+        f"{expected:,} bytes ({expected / 2**20:.1f} MiB): 8 bytes per trainable parameter.",
+    )
+
+
+def check_merged_weight(layer, answer: torch.Tensor) -> None:
+    """Exercise 03.8: the weight a PEFT LoRA `layer` ("default" adapter) has once merged."""
+    base = layer.base_layer.weight.detach()
+    A = layer.lora_A["default"].weight.detach()
+    B = layer.lora_B["default"].weight.detach()
+    scaling = layer.scaling["default"]
+    expected = base + scaling * B @ A
+    answer = torch.as_tensor(answer).detach()
+    if answer.shape != expected.shape:
+        hint = f"the merged weight has the base weight's shape {tuple(expected.shape)}."
+    elif torch.allclose(answer, base + B @ A, atol=1e-6):
+        hint = "scale the update by alpha / r (layer.scaling['default'])."
+    else:
+        hint = "W + (alpha / r) * B @ A, with B = lora_B.weight and A = lora_A.weight."
+    _verdict(
+        answer.shape == expected.shape and torch.allclose(answer, expected, atol=1e-6),
+        hint,
+        "W + (alpha/r)·B·A: after merging, the adapter costs nothing at inference.",
+    )
