@@ -1,0 +1,183 @@
+"""`train_sft` trains what the masks say, repeatably; the course adapter is cached and rebuilt."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import pytest
+import torch
+from datasets import Dataset
+from trl import SFTConfig, SFTTrainer
+
+from sft_helpers import training
+from sft_helpers.data import DATA_DIR, SPLIT_FILES, read_split
+from sft_helpers.masking import IGNORE_INDEX, tokenize_with_masking
+from sft_helpers.models import load_model
+from sft_helpers.templates import with_generation_markers
+from sft_helpers.training import (
+    adapter_key,
+    course_adapter,
+    load_course_model,
+    lora_config,
+    loss_history,
+    masked_dataset,
+    train_sft,
+    training_log,
+)
+
+CONVERSATIONS = [r["messages"] for r in read_split("train")]
+# Small enough that a tiny-model step takes well under a second.
+FAST = {"max_length": 96, "max_steps": 3, "batch_size": 2, "learning_rate": 5e-3}
+TINY_ADAPTER = {"profile": "tiny", "max_length": 96, "max_steps": 2, "batch_size": 2}
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    return load_model("tiny")
+
+
+def train_tiny(tmp_path, **kwargs):
+    model, tokenizer = load_model("tiny")
+    settings = {**FAST, **kwargs}
+    return train_sft(model, tokenizer, CONVERSATIONS[:16], output_dir=tmp_path, progress=False,
+                     **settings)
+
+
+def test_masked_dataset_holds_the_masking_helpers_labels(tiny):
+    _, tokenizer = tiny
+    dataset = masked_dataset(CONVERSATIONS[:4], tokenizer, 256)
+    assert dataset.column_names == ["input_ids", "labels"]
+    for row, conversation in zip(dataset, CONVERSATIONS[:4], strict=True):
+        expected = tokenize_with_masking(conversation, tokenizer, 256)
+        assert row["input_ids"] == expected["input_ids"].tolist()
+        assert row["labels"] == expected["labels"].tolist()
+        assert any(label != IGNORE_INDEX for label in row["labels"])
+
+
+def test_masked_dataset_drops_all_masked_examples_and_refuses_an_empty_result(tiny, capsys):
+    _, tokenizer = tiny
+    lengths = [len(tokenize_with_masking(c, tokenizer)["input_ids"]) for c in CONVERSATIONS[:8]]
+    first_labels = [int((tokenize_with_masking(c, tokenizer)["labels"] != IGNORE_INDEX)
+                        .nonzero()[0]) for c in CONVERSATIONS[:8]]
+    cut = sorted(first_labels)[4]  # at this length, the 4 latest-starting replies are gone
+    dataset = masked_dataset(CONVERSATIONS[:8], tokenizer, cut)
+    dropped = sum(start >= cut for start in first_labels)
+    assert dataset.num_rows == 8 - dropped and dropped > 0
+    assert f"dropped {dropped} of 8 conversations" in capsys.readouterr().out
+    assert max(map(len, dataset["input_ids"])) <= cut < max(lengths)
+    with pytest.raises(ValueError, match="max_length=5"):
+        masked_dataset(CONVERSATIONS[:8], tokenizer, 5)
+
+
+def test_trl_assistant_only_loss_gives_the_same_labels_as_our_masking(tiny, tmp_path):
+    # The library route: a template with {% generation %} markers + assistant_only_loss.
+    model, tokenizer = tiny
+    marked = tokenizer.__class__.from_pretrained(tokenizer.name_or_path)
+    marked.chat_template = with_generation_markers(tokenizer.chat_template)
+    conversations = CONVERSATIONS[:24]
+    trainer = SFTTrainer(
+        model=model,
+        args=SFTConfig(output_dir=str(tmp_path), assistant_only_loss=True, max_length=512,
+                       bf16=False, report_to="none"),
+        train_dataset=Dataset.from_dict({"messages": conversations}),
+        processing_class=marked,
+    )
+    ours = masked_dataset(conversations, tokenizer, 512)
+    assert list(trainer.train_dataset["input_ids"]) == list(ours["input_ids"])
+    assert list(trainer.train_dataset["labels"]) == list(ours["labels"])
+
+
+def test_two_runs_give_the_same_loss_curve(tmp_path):
+    first = loss_history(train_tiny(tmp_path / "a"))
+    second = loss_history(train_tiny(tmp_path / "b"))
+    assert len(first) == FAST["max_steps"] and all(torch.isfinite(torch.tensor(first)))
+    assert first == second
+    other_seed = loss_history(train_tiny(tmp_path / "c", seed=1))
+    assert other_seed != first
+
+
+def test_train_sft_trains_the_lora_adapter_only(tmp_path):
+    model, tokenizer = load_model("tiny")
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    trainer = train_sft(model, tokenizer, CONVERSATIONS[:16], output_dir=tmp_path,
+                        progress=False, peft_config=lora_config(r=4), **FAST)
+    peft_model = trainer.model
+    trainable = {n for n, p in peft_model.named_parameters() if p.requires_grad}
+    lora = {n: p for n, p in peft_model.named_parameters() if "lora_" in n}
+    assert trainable == set(lora) and lora
+    assert all(p.shape[0] == 4 for n, p in lora.items() if "lora_A" in n)
+    assert any(p.abs().sum() > 0 for n, p in lora.items() if "lora_B" in n)  # B moved off 0
+    for name, param in peft_model.named_parameters():
+        if "lora_" not in name:
+            base_name = name.replace("base_model.model.", "").replace(".base_layer", "")
+            assert torch.equal(param, before[base_name]), name
+
+
+def test_packing_concatenates_with_per_sequence_positions(tmp_path):
+    trainer = train_tiny(tmp_path, packing=True, max_steps=1)
+    assert trainer.padding_free
+    batch = next(iter(trainer.get_train_dataloader()))
+    assert "attention_mask" not in batch and batch["input_ids"].shape[0] == 1
+    positions = batch["position_ids"][0]
+    starts = (positions == 0).nonzero().flatten()
+    assert len(starts) >= 2  # several conversations share the row...
+    for start, end in zip(starts.tolist(), starts.tolist()[1:] + [len(positions)], strict=True):
+        # ...and each one's positions count from 0, which marks where attention must stop.
+        assert positions[start:end].tolist() == list(range(end - start))
+    assert all(torch.isfinite(torch.tensor(loss_history(trainer))))
+
+
+def test_adapter_key_follows_config_and_data(tmp_path):
+    config = training.COURSE_CONFIG
+    assert adapter_key(config) == adapter_key(dict(config))
+    assert adapter_key(config) != adapter_key({**config, "learning_rate": 1e-3})
+    for split in SPLIT_FILES.values():
+        shutil.copy(DATA_DIR / split, tmp_path / split)
+    assert adapter_key(config, tmp_path) == adapter_key(config)
+    with open(tmp_path / SPLIT_FILES["train"], "a") as f:
+        f.write(json.dumps(read_split("train")[0]) + "\n")
+    assert adapter_key(config, tmp_path) != adapter_key(config)
+
+
+def test_course_adapter_rejects_unknown_settings():
+    with pytest.raises(ValueError, match=r"unknown course adapter settings \['steps'\]"):
+        course_adapter(steps=3)
+
+
+def test_course_adapter_is_cached_reused_and_rebuilt_when_corrupt(fresh_cache, monkeypatch):
+    path = course_adapter(**TINY_ADAPTER)
+    log = training_log(path)
+    assert path.parent == fresh_cache and path.name.startswith("course-adapter-")
+    assert log["config"]["profile"] == "tiny" and len(log["loss"]) == 2
+    assert log["train_seconds"] > 0 and log["train_tokens"] > 0
+    weights = (path / "adapter_model.safetensors").read_bytes()
+
+    def no_training(*args, **kwargs):
+        raise AssertionError("the cached adapter should have been reused")
+
+    with monkeypatch.context() as patched:  # undoing it must not undo fresh_cache's setenv
+        patched.setattr(training, "train_sft", no_training)
+        assert course_adapter(**TINY_ADAPTER) == path
+
+    (path / "adapter_model.safetensors").write_bytes(b"truncated")
+    with pytest.warns(UserWarning, match="corrupt; rebuilding"):
+        rebuilt = course_adapter(**TINY_ADAPTER)
+    assert rebuilt == path
+    assert (path / "adapter_model.safetensors").read_bytes() == weights  # same seed, same bytes
+
+
+def test_merged_model_computes_what_the_adapter_model_computes(fresh_cache):
+    path = course_adapter(**{**TINY_ADAPTER, "learning_rate": 5e-2})
+    adapted, tokenizer = load_course_model(path)
+    merged, _ = load_course_model(path, merge=True)
+    assert not any("lora_" in name for name, _ in merged.named_parameters())
+    ids = tokenizer.apply_chat_template(CONVERSATIONS[0], return_tensors="pt",
+                                        return_dict=True)["input_ids"]
+    base, _ = load_model("tiny")
+    with torch.no_grad():
+        adapted_logits = adapted(input_ids=ids).logits
+        merged_logits = merged(input_ids=ids).logits
+        base_logits = base(input_ids=ids).logits
+    assert torch.allclose(adapted_logits, merged_logits, atol=1e-4)
+    assert not torch.allclose(adapted_logits, base_logits, atol=1e-4)  # the adapter does something
