@@ -36,14 +36,14 @@ from sft_helpers.models import DEFAULT_PROFILE, cache_root, cached_entry, load_m
 # Every linear layer of a Llama block: attention and MLP.
 LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 # The course adapter's recipe. Sized for a 2-core CPU (see notebook 03): short replies,
-# a high LoRA learning rate (format and persona are learned in a few dozen steps).
+# a high, constant LoRA learning rate (format and persona are learned in a few dozen steps).
 COURSE_CONFIG: dict = {
     "profile": DEFAULT_PROFILE,
     "max_length": 192,
     "max_steps": 24,
     "batch_size": 4,
     "learning_rate": 2e-3,
-    "warmup_steps": 2,
+    "warmup_steps": 0,
     "lora_r": 8,
     "lora_alpha": 16,
     "target_modules": list(LORA_TARGETS),
@@ -51,6 +51,7 @@ COURSE_CONFIG: dict = {
     "seed": 0,
 }
 TRAINING_LOG = "training_log.json"
+CHECKPOINTING_NOTICE = r".*gradient_checkpointing.*deprecated"
 ADAPTER_PREFIX = "course-adapter"
 
 
@@ -125,7 +126,8 @@ def sft_config(
         per_device_train_batch_size=batch_size,
         gradient_accumulation_steps=1,
         learning_rate=learning_rate,
-        lr_scheduler_type="linear",
+        # Constant: a few dozen steps are too few to spend half of them decaying.
+        lr_scheduler_type="constant_with_warmup",
         warmup_steps=warmup_steps,
         logging_steps=1,
         save_strategy="no",
@@ -142,16 +144,15 @@ def sft_config(
 
 @contextlib.contextmanager
 def _quiet_preparation():
-    """Hide what says nothing to a learner: TRL's per-map dataset bars and transformers'
-    own deprecation notice about a `gradient_checkpointing` field TRL still reads."""
+    """Hide what says nothing to a learner: TRL's per-map dataset bars, and transformers'
+    notice that `gradient_checkpointing` was renamed (TRL and PEFT still read the old name)."""
     import datasets
 
     bars = datasets.is_progress_bar_enabled()
     datasets.disable_progress_bars()
     try:
         with warnings.catch_warnings():
-            warnings.filterwarnings("ignore", r".*gradient_checkpointing.*deprecated",
-                                    FutureWarning)
+            warnings.filterwarnings("ignore", CHECKPOINTING_NOTICE, FutureWarning)
             yield
     finally:
         if bars:
@@ -309,7 +310,9 @@ def load_course_model(adapter_dir: Path, *, merge: bool = False, device=None):
 
     profile = training_log(adapter_dir)["config"]["profile"]
     base, tokenizer = load_model(profile, device=device)
-    model = PeftModel.from_pretrained(base, str(adapter_dir))
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", CHECKPOINTING_NOTICE, FutureWarning)
+        model = PeftModel.from_pretrained(base, str(adapter_dir))
     if merge:
         model = model.merge_and_unload()
     model.eval()
