@@ -13,7 +13,7 @@ and asked who it is, Pip says its name on that first line ("I'm Pip, the SFT cou
 assistant."). `follows_house_style`, `names_persona`, `compliance` and `compliance_rate`
 measure exactly that, before and after training (notebooks 03 and 07).
 
-The data ship with the package (`sft_helpers/data/`, see DATA_CARD.md there): 346
+The data ship with the package (`sft_helpers/data/`, see DATA_CARD.md there): 374
 hand-written training conversations and a held-out split of 65 prompts with references.
 
     >>> train = load_course_dataset("train")                  # doctest: +SKIP

@@ -42,11 +42,14 @@ COURSE_CONFIG: dict = {
     "max_length": 192,
     "max_steps": 24,
     "batch_size": 4,
-    "learning_rate": 2e-3,
+    "learning_rate": 3e-3,
     "warmup_steps": 0,
     "lora_r": 8,
     "lora_alpha": 16,
     "target_modules": list(LORA_TARGETS),
+    # The top 12 of the 30 layers: backpropagation stops at layer 18, which makes a step
+    # about 1.6x faster than adapting all layers, and format and persona still train.
+    "lora_layers": list(range(18, 30)),
     "packing": False,
     "seed": 0,
 }
@@ -55,18 +58,26 @@ CHECKPOINTING_NOTICE = r".*gradient_checkpointing.*deprecated"
 ADAPTER_PREFIX = "course-adapter"
 
 
-def lora_config(r: int = 8, alpha: int = 16, target_modules: Sequence[str] = LORA_TARGETS):
-    """The PEFT `LoraConfig` of the course: rank `r`, scale alpha/r, no dropout.
+def lora_config(
+    r: int = 8,
+    alpha: int = 16,
+    target_modules: Sequence[str] = LORA_TARGETS,
+    layers: Sequence[int] | None = None,
+):
+    """The PEFT `LoraConfig` of the course: rank `r`, scale alpha/r, no dropout, on
+    `target_modules` of the decoder layers `layers` (all layers when None).
 
     No dropout keeps a CPU run bit-for-bit repeatable (and a few dozen steps do not overfit).
+    Adapting only the top layers saves time: backpropagation stops at the lowest adapter.
 
-    >>> lora_config(r=4).r
-    4
+    >>> lora_config(r=4, layers=[28, 29]).layers_to_transform
+    [28, 29]
     """
     from peft import LoraConfig
 
     return LoraConfig(
         r=r, lora_alpha=alpha, lora_dropout=0.0, target_modules=list(target_modules),
+        layers_to_transform=None if layers is None else list(layers),
         bias="none", task_type="CAUSAL_LM",
     )
 
@@ -259,7 +270,8 @@ def _build_adapter(config: Mapping, data_dir: Path):
             batch_size=config["batch_size"], learning_rate=config["learning_rate"],
             warmup_steps=config["warmup_steps"], packing=config["packing"],
             peft_config=lora_config(
-                config["lora_r"], config["lora_alpha"], config["target_modules"]
+                config["lora_r"], config["lora_alpha"], config["target_modules"],
+                config["lora_layers"],
             ),
             seed=config["seed"],
         )
