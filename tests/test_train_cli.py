@@ -150,6 +150,16 @@ def test_defaults_fill_what_the_file_leaves_out(tmp_path):
     assert config["output_dir"] == str(Path("outputs") / "run")
 
 
+def test_data_is_found_next_to_the_config_then_in_the_current_folder(tmp_path, monkeypatch):
+    write_run(tmp_path, TINY_RUN)  # tmp_path/train.jsonl
+    (tmp_path / "configs").mkdir()
+    path = write_run(tmp_path / "configs", TINY_RUN)
+    assert load_train_config(path)["data"]["train"] == str(tmp_path / "configs" / "train.jsonl")
+    (tmp_path / "configs" / "train.jsonl").unlink()
+    monkeypatch.chdir(tmp_path)
+    assert load_train_config(path)["data"]["train"] == str(tmp_path / "train.jsonl")
+
+
 def test_the_capstone_config_is_valid(tmp_path):
     capstone = yaml.safe_load((REPO / "configs" / "capstone.yaml").read_text())
     capstone["data"]["train"] = "train.jsonl"  # the capstone's own data may not exist yet
