@@ -674,3 +674,40 @@ def check_merged_weight(layer, answer: torch.Tensor) -> None:
         hint,
         "W + (alpha/r)·B·A: after merging, the adapter costs nothing at inference.",
     )
+
+
+# --- 08_capstone -------------------------------------------------------------------------
+
+
+def check_triage_reply(row: dict, answer: str) -> None:
+    """Exercise 08.2: the exact reply the model is trained to give for one raw row."""
+    from sft_helpers.triage import parse_triage, triage_reply
+
+    expected = triage_reply(row["category"], row["urgent"])
+    parsed = parse_triage(answer)
+    if parsed is None:
+        _verdict(False, 'one line of JSON with exactly two keys, in this order: '
+                 '{"category": ..., "urgent": true or false}.', "")
+    _verdict(
+        answer == expected,
+        f"the JSON parses, but the labels (or the spacing) differ: compare with row "
+        f"{row['id']!r}'s category and urgent fields, written the way json.dumps writes them.",
+        f"{expected}: every training reply has exactly this shape.",
+    )
+
+
+def check_both_right(results, eval_rows, answer: float) -> None:
+    """Exercise 08.3: the share of replies whose category AND urgency are both right."""
+    from sft_helpers.triage import triage_scores
+
+    expected = triage_scores(results, eval_rows)["both right"]
+    valid = triage_scores(results, eval_rows)["valid JSON"]
+    if abs(answer - valid) < 1e-9 and abs(valid - expected) > 1e-9:
+        _verdict(False, "that is the share of valid JSON replies; a valid reply can still "
+                 "have the wrong labels.", "")
+    _verdict(
+        abs(answer - expected) < 1e-9,
+        "parse each reply with parse_triage (None when invalid), compare both fields with the "
+        "eval row, and divide by the number of eval rows (invalid replies count as wrong).",
+        f"{expected:.1%} of the held-out messages are triaged exactly.",
+    )

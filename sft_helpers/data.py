@@ -236,6 +236,19 @@ def validate_record(record: Mapping, split: str, where: str = "record") -> None:
             raise ValueError(f"{where}: 'reference' must be a reply in the house style")
 
 
+def read_jsonl(path: Path) -> list[dict]:
+    """One dict per line of a .jsonl file; a line that is not JSON raises `ValueError`
+    naming the file and the line."""
+    path = Path(path)
+    rows = []
+    for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
+        try:
+            rows.append(json.loads(line))
+        except json.JSONDecodeError as error:
+            raise ValueError(f"{path.name} line {number}: not valid JSON ({error.msg})") from error
+    return rows
+
+
 def read_split(split: str = "train", data_dir: Path = DATA_DIR) -> list[dict]:
     """The records of `split` ("train" or "eval") as dicts, each validated.
 
@@ -244,15 +257,9 @@ def read_split(split: str = "train", data_dir: Path = DATA_DIR) -> list[dict]:
     if split not in SPLIT_FILES:
         raise ValueError(f"unknown split {split!r}: use one of {sorted(SPLIT_FILES)}")
     path = Path(data_dir) / SPLIT_FILES[split]
-    records = []
-    for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
-        where = f"{path.name} line {number}"
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError as error:
-            raise ValueError(f"{where}: not valid JSON ({error.msg})") from error
-        validate_record(record, split, where)
-        records.append(record)
+    records = read_jsonl(path)
+    for number, record in enumerate(records, start=1):
+        validate_record(record, split, f"{path.name} line {number}")
     return records
 
 

@@ -39,7 +39,8 @@ from pathlib import Path
 
 import torch
 
-from sft_helpers.data import validate_record
+from sft_helpers.data import read_jsonl
+from sft_helpers.masking import validate_conversation
 from sft_helpers.models import (
     DEFAULT_PROFILE,
     GGUF_PACKAGE,
@@ -263,25 +264,26 @@ def _find_data(name: str, config_file: Path, where: str) -> Path:
 
 
 def read_train_file(path: Path) -> list[dict]:
-    """The training records of a course-format .jsonl file, each line validated with
-    `sft_helpers.data.validate_record`; a bad line raises `ValueError` naming the file and
-    the line (and the record id and message index where the record has them).
+    """The training records of a .jsonl file: one `{"messages": [...], ...}` conversation a
+    line, each checked with `sft_helpers.masking.validate_conversation`; a bad line raises
+    `ValueError` naming the file and the line (and the message index where it has one).
+    Any task's conversations qualify (the course data, the capstone's triage data).
 
     >>> read_train_file("sft_helpers/data/course_train.jsonl")[0]["id"]   # doctest: +SKIP
     'train-0000'
     """
-    records = []
-    lines = Path(path).read_text(encoding="utf-8").splitlines()
-    for number, line in enumerate(lines, start=1):
-        where = f"{Path(path).name} line {number}"
+    path = Path(path)
+    records = read_jsonl(path)
+    for number, record in enumerate(records, start=1):
+        where = f"{path.name} line {number}"
+        if not isinstance(record, Mapping) or "messages" not in record:
+            raise ValueError(f"{where}: expected an object with a 'messages' list")
         try:
-            record = json.loads(line)
-        except json.JSONDecodeError as error:
-            raise ValueError(f"{where}: not valid JSON ({error.msg})") from error
-        validate_record(record, "train", where)
-        records.append(record)
+            validate_conversation(record["messages"])
+        except ValueError as error:
+            raise ValueError(f"{where}: {error}") from error
     if not records:
-        raise ValueError(f"{Path(path).name} holds no training conversations")
+        raise ValueError(f"{path.name} holds no training conversations")
     return records
 
 

@@ -30,7 +30,7 @@ import torch
 
 from sft_helpers.data import DATA_DIR, SPLIT_FILES, read_split
 from sft_helpers.environment import seed_everything
-from sft_helpers.masking import mask_dataset
+from sft_helpers.masking import IGNORE_INDEX, mask_dataset
 from sft_helpers.models import DEFAULT_PROFILE, cache_root, cached_entry, load_model
 
 # Every linear layer of a Llama block: attention and MLP.
@@ -51,7 +51,14 @@ COURSE_CONFIG: dict = {
     # about 1.6x faster than adapting all layers, and format and persona still train.
     "lora_layers": list(range(18, 30)),
     "packing": False,
+    "labels": "assistant",
     "seed": 0,
+}
+# What the loss covers: the course's masking, and two mistakes kept to measure their cost.
+LABEL_MODES = {
+    "assistant": "assistant replies and their closing end-of-turn token (the course's masking)",
+    "all": "every token, system and user turns included (no masking)",
+    "pad_eos": "assistant replies, minus every token whose id is the pad id (pad == eos drops EOS)",
 }
 TRAINING_LOG = "training_log.json"
 CHECKPOINTING_NOTICE = r".*gradient_checkpointing.*deprecated"
@@ -82,16 +89,23 @@ def lora_config(
     )
 
 
-def masked_dataset(conversations: Sequence, tokenizer, max_length: int):
-    """A `datasets.Dataset` of `input_ids` and `labels` (assistant tokens only), built with
+def masked_dataset(conversations: Sequence, tokenizer, max_length: int, labels: str = "assistant"):
+    """A `datasets.Dataset` of `input_ids` and `labels`, built with
     `sft_helpers.masking.mask_dataset`; conversations that `max_length` leaves with no
     trained token are dropped (and counted in the printed note).
+
+    `labels` picks what the loss covers (see `LABEL_MODES`): "assistant", the course's
+    masking; or one of two classic mistakes that notebook 07 measures: "all" (every token,
+    no masking) and "pad_eos" (the assistant masking, then every position whose id equals
+    the pad token set to -100: with pad == eos that deletes the end-of-turn labels).
 
     >>> masked_dataset(chats, tokenizer, 256).column_names        # doctest: +SKIP
     ['input_ids', 'labels']
     """
     from datasets import Dataset
 
+    if labels not in LABEL_MODES:
+        raise ValueError(f"labels must be one of {sorted(LABEL_MODES)}, not {labels!r}")
     examples, n_dropped = mask_dataset(conversations, tokenizer, max_length)
     if not examples:
         raise ValueError(
@@ -103,8 +117,16 @@ def masked_dataset(conversations: Sequence, tokenizer, max_length: int):
               "cut away all of their assistant tokens")
     return Dataset.from_dict({
         "input_ids": [e["input_ids"].tolist() for e in examples],
-        "labels": [e["labels"].tolist() for e in examples],
+        "labels": [_labels_for(e, labels, tokenizer.pad_token_id).tolist() for e in examples],
     })
+
+
+def _labels_for(example: Mapping, mode: str, pad_token_id: int | None) -> torch.Tensor:
+    if mode == "all":
+        return example["input_ids"].clone()
+    if mode == "pad_eos":
+        return example["labels"].masked_fill(example["input_ids"] == pad_token_id, IGNORE_INDEX)
+    return example["labels"]
 
 
 def sft_config(
@@ -147,6 +169,10 @@ def sft_config(
         data_seed=seed,
         bf16=dtype == torch.bfloat16,
         fp16=dtype == torch.float16,
+        # TRL turns activation checkpointing on by default. A 135M model's activations fit
+        # easily, and recomputing them costs a third more compute and makes the backward pass
+        # run through the frozen lower layers too (for their inputs' sake).
+        activation_checkpointing=False,
         dataloader_num_workers=0,
         dataloader_pin_memory=torch.cuda.is_available(),
         disable_tqdm=not progress,
@@ -183,12 +209,14 @@ def train_sft(
     warmup_steps: int = 0,
     packing: bool = False,
     peft_config=None,
+    labels: str = "assistant",
     seed: int = 0,
     progress: bool = True,
 ):
     """Fine-tune `model` on `conversations` (lists of messages) with TRL's `SFTTrainer`.
 
-    The loss covers the assistant's tokens only (our masking). `peft_config` defaults to
+    The loss covers the assistant's tokens only (our masking; `labels` selects one of the
+    mistakes in `LABEL_MODES` instead). `peft_config` defaults to
     `lora_config()`; TRL wraps the model with it. Seeded: on the CPU two runs with the same
     arguments give the same loss at every step. Returns the trained trainer:
     `trainer.model` is the PEFT model, `loss_history(trainer)` the loss per step.
@@ -201,7 +229,7 @@ def train_sft(
     if not conversations:
         raise ValueError("no conversations to train on")
     seed_everything(seed)
-    dataset = masked_dataset(conversations, tokenizer, max_length)
+    dataset = masked_dataset(conversations, tokenizer, max_length, labels)
     with _quiet_preparation():
         args = sft_config(
             output_dir, max_length=max_length, max_steps=max_steps, batch_size=batch_size,
@@ -273,6 +301,7 @@ def _build_adapter(config: Mapping, data_dir: Path):
                 config["lora_r"], config["lora_alpha"], config["target_modules"],
                 config["lora_layers"],
             ),
+            labels=config["labels"],
             seed=config["seed"],
         )
         shutil.rmtree(directory / "trainer", ignore_errors=True)

@@ -119,12 +119,14 @@ def test_a_bad_config_names_the_file_and_the_key(tmp_path, monkeypatch, no_model
 
 @pytest.mark.parametrize("lines, expected", [
     ([TRAIN_LINES[0], "{not json"], "train.jsonl line 2: not valid JSON"),
-    ([TRAIN_LINES[0].replace("### Details", "Details")],
-     "train.jsonl line 1 (train-0000), message 1"),
-    ([TRAIN_LINES[0].replace('"category": "factual"', '"category": "poetry"')],
-     "train.jsonl line 1 (train-0000): category 'poetry'"),
+    (['{"id": "x", "conversation": []}'],
+     "train.jsonl line 1: expected an object with a 'messages'"),
+    ([TRAIN_LINES[0].replace('"role": "assistant"', '"role": "bot"')],
+     "train.jsonl line 1: message 1: unknown role 'bot'"),
+    (['{"messages": [{"role": "user", "content": "Hi"}]}'],
+     "train.jsonl line 1: conversation: no assistant message"),
     ([], "holds no training conversations"),
-], ids=["invalid JSON", "not the house style", "unknown category", "empty file"])
+], ids=["invalid JSON", "no messages", "unknown role", "no assistant turn", "empty file"])
 def test_bad_training_data_names_the_file_and_the_line(tmp_path, no_model_load, lines, expected):
     path = write_run(tmp_path, TINY_RUN)
     (tmp_path / "train.jsonl").write_text("\n".join(lines), encoding="utf-8")

@@ -58,6 +58,24 @@ def test_masked_dataset_holds_the_masking_helpers_labels(tiny):
         assert any(label != IGNORE_INDEX for label in row["labels"])
 
 
+def test_label_modes_all_and_pad_eos_are_the_two_mistakes(tiny):
+    _, tokenizer = tiny
+    ours = masked_dataset(CONVERSATIONS[:4], tokenizer, 256)
+    everything = masked_dataset(CONVERSATIONS[:4], tokenizer, 256, labels="all")
+    pad_eos = masked_dataset(CONVERSATIONS[:4], tokenizer, 256, labels="pad_eos")
+    assert tokenizer.pad_token_id == tokenizer.eos_token_id  # the premise of the mistake
+    assert everything["labels"] == everything["input_ids"]
+    for ids, good, bad in zip(ours["input_ids"], ours["labels"], pad_eos["labels"], strict=True):
+        eos = tokenizer.eos_token_id
+        trained_eos = [i for i, (t, y) in enumerate(zip(ids, good, strict=True)) if y == t == eos]
+        assert trained_eos, "the course masking trains each reply's closing <|im_end|>"
+        assert all(bad[i] == IGNORE_INDEX for i in trained_eos)  # ... the mistake drops them
+        kept = [i for i, y in enumerate(good) if y != IGNORE_INDEX and i not in trained_eos]
+        assert [bad[i] for i in kept] == [good[i] for i in kept]  # and nothing else
+    with pytest.raises(ValueError, match="labels must be one of"):
+        masked_dataset(CONVERSATIONS[:4], tokenizer, 256, labels="assistant_only")
+
+
 def test_masked_dataset_drops_all_masked_examples_and_refuses_an_empty_result(tiny, capsys):
     _, tokenizer = tiny
     lengths = [len(tokenize_with_masking(c, tokenizer)["input_ids"]) for c in CONVERSATIONS[:8]]
