@@ -173,6 +173,9 @@ def sft_config(
         # easily, and recomputing them costs a third more compute and makes the backward pass
         # run through the frozen lower layers too (for their inputs' sake).
         activation_checkpointing=False,
+        # Under DDP (accelerate launch) every LoRA weight gets a gradient: skip the search
+        # for unused parameters (and its warning on every process).
+        ddp_find_unused_parameters=False,
         dataloader_num_workers=0,
         dataloader_pin_memory=torch.cuda.is_available(),
         disable_tqdm=not progress,
