@@ -700,8 +700,8 @@ def check_both_right(results, eval_rows, answer: float) -> None:
     """Exercise 08.3: the share of replies whose category AND urgency are both right."""
     from sft_helpers.triage import triage_scores
 
-    expected = triage_scores(results, eval_rows)["both right"]
-    valid = triage_scores(results, eval_rows)["valid JSON"]
+    scores = triage_scores(results, eval_rows)
+    expected, valid = scores["both right"], scores["valid JSON"]
     if abs(answer - valid) < 1e-9 and abs(valid - expected) > 1e-9:
         _verdict(False, "that is the share of valid JSON replies; a valid reply can still "
                  "have the wrong labels.", "")

@@ -55,9 +55,8 @@ from sft_helpers.training import (
     COURSE_CONFIG,
     LABEL_MODES,
     LORA_TARGETS,
-    _logged,
     lora_config,
-    loss_history,
+    run_summary,
     train_sft,
 )
 
@@ -425,11 +424,7 @@ def train_from_config(config: Mapping) -> Path:
             "config": {**config, "data": {**config["data"],
                                           "train": _portable(config["data"]["train"])},
                        "output_dir": _portable(output_dir)},
-            "loss": loss_history(trainer),
-            # The training loop alone (TRL's train_runtime): no loading, no tokenizing.
-            "train_seconds": _logged(trainer, "train_runtime")[-1],
-            "train_tokens": _logged(trainer, "num_tokens")[-1],
-            "device": str(state.device),
+            **run_summary(trainer),
             "world_size": state.num_processes,
             "adapter_sha256": digests,
         }

@@ -261,6 +261,17 @@ def loss_history(trainer) -> list[float]:
     return _logged(trainer, "loss")
 
 
+def run_summary(trainer) -> dict:
+    """What a finished run records: the loss per step, the seconds and tokens of the
+    training loop alone (TRL's `train_runtime`: no loading, no tokenizing), and the device."""
+    return {
+        "loss": loss_history(trainer),
+        "train_seconds": _logged(trainer, "train_runtime")[-1],
+        "train_tokens": _logged(trainer, "num_tokens")[-1],
+        "device": str(trainer.model.device),
+    }
+
+
 # --- the cached course adapter ------------------------------------------------------------
 
 
@@ -311,11 +322,7 @@ def _build_adapter(config: Mapping, data_dir: Path):
         trainer.model.save_pretrained(directory)
         log = {
             "config": dict(config),
-            "loss": loss_history(trainer),
-            # The training loop alone (TRL's train_runtime): no loading, no tokenizing.
-            "train_seconds": _logged(trainer, "train_runtime")[-1],
-            "train_tokens": _logged(trainer, "num_tokens")[-1],
-            "device": str(trainer.model.device),
+            **run_summary(trainer),
             "dtype": str(trainer.model.dtype).removeprefix("torch."),
         }
         (directory / TRAINING_LOG).write_text(json.dumps(log, indent=1))

@@ -52,18 +52,14 @@ def _label_problem(row: Mapping) -> str | None:
     return None
 
 
-def _leaks(messages: Sequence[str], eval_messages: Sequence[str]) -> list[int | None]:
+def _leaks(messages: Sequence[str], eval_messages: Sequence[str]) -> list[bool]:
     # Brute force is fine at this size (200 x 40 pairs). Shingle similarity, not shared
     # n-grams: a leak with one word changed shares few long n-grams but nearly all shingles.
     eval_sets = [shingles(m) for m in eval_messages]
-    found = []
-    for message in messages:
-        own = shingles(message)
-        scores = [jaccard(own, other) for other in eval_sets]
-        best = max(range(len(scores)), key=scores.__getitem__, default=None)
-        leaked = best is not None and scores[best] >= NEAR_DUPLICATE_THRESHOLD
-        found.append(best if leaked else None)
-    return found
+    return [
+        any(jaccard(shingles(m), other) >= NEAR_DUPLICATE_THRESHOLD for other in eval_sets)
+        for m in messages
+    ]
 
 
 def raw_problems(rows: Sequence[Mapping], eval_rows: Sequence[Mapping]) -> dict[str, str]:
@@ -86,7 +82,7 @@ def raw_problems(rows: Sequence[Mapping], eval_rows: Sequence[Mapping]) -> dict[
             "bad_label": _label_problem(row) is not None,
             "garbage": GARBAGE.search(message) is not None,
             "too_long": len(message.split()) > MAX_MESSAGE_WORDS,
-            "eval_leak": leaks[i] is not None,
+            "eval_leak": leaks[i],
             "exact_duplicate": exact[i] is not None,
             "near_duplicate": near[i] is not None,
         }
