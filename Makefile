@@ -2,6 +2,8 @@
 # pyproject.toml unchanged skips the install.
 #   make lab    # install, warm the model cache, start JupyterLab (opens notebooks/00_setup.ipynb)
 #   make test   # install, warm the model cache, ruff + unit tests + every notebook (nbval)
+# Maintainers:
+#   make check  # the fast unit tests and doctests only (no notebooks, no `slow` tests)
 VENV ?= .venv
 PYTHON ?= python3
 LAB_ARGS ?=
@@ -10,7 +12,7 @@ STAMP := $(VENV)/.installed
 # Jupyter refuses to start as root (containers, CI) unless told it is intended.
 ROOT_FLAG := $(if $(filter 0,$(shell id -u)),--allow-root)
 
-.PHONY: lab test install warm lint execute
+.PHONY: lab test check install warm lint execute
 
 $(STAMP): pyproject.toml sft_helpers/install.py
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -31,7 +33,11 @@ lint: install
 # Unit tests and notebooks in one pytest run, offline; nbval-lax checks only the cells
 # marked NBVAL_CHECK_OUTPUT (and that no cell raises).
 test: warm lint
-	HF_HUB_OFFLINE=1 $(PY) -m pytest tests notebooks --nbval-lax --nbval-current-env
+	HF_HUB_OFFLINE=1 $(PY) -m pytest tests sft_helpers notebooks --doctest-modules --nbval-lax --nbval-current-env
+
+# The unit tests and doctests without the `slow` ones (processes, servers, training).
+check: warm lint
+	HF_HUB_OFFLINE=1 $(PY) -m pytest -p no:nbval tests sft_helpers --doctest-modules -m "not slow" -q
 
 # Re-execute notebooks in place from a clean kernel (maintainers): make execute NB=notebooks/02_loss_masking.ipynb
 NB ?= notebooks/*.ipynb

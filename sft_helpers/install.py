@@ -50,7 +50,7 @@ def read_pyproject(root: Path = ROOT) -> dict:
 def install_commands(target: str, root: Path = ROOT) -> list[list[str]]:
     """The pip commands that install the course for `target` ("local" or "colab").
 
-    >>> install_commands("colab")[0][-1].endswith(".")  # the project itself, no extras
+    >>> install_commands("colab")[0][-1] == str(ROOT)  # the project itself, no extras
     True
     """
     if target not in EXTRAS:

@@ -31,8 +31,9 @@ import numpy as np
 import torch
 from jinja2.exceptions import TemplateError
 
+from sft_helpers.data import location, validate_conversation
+
 IGNORE_INDEX = -100  # CrossEntropyLoss's default ignore_index
-ROLES = ("system", "user", "assistant")
 # Markers put around each assistant content before rendering, removed after. U+E000/U+E001
 # (private use) open/close a span, followed by a plane-15 private-use character that encodes
 # the message index. The edge markers are whitespace for str.strip() (ASCII record/unit
@@ -50,58 +51,29 @@ class AllMaskedError(ValueError):
     """Truncation left a conversation with no trained token: its loss would be NaN or 0."""
 
 
-def _where(index: int | None, message: int | None = None) -> str:
-    parts = [] if index is None else [f"conversation {index}"]
-    if message is not None:
-        parts.append(f"message {message}")
-    return ", ".join(parts) or "conversation"
+def check_markers_absent(conversation, index: int | None = None) -> None:
+    """Raise `ValueError` naming the conversation and message when a content holds one of
+    the marker characters this module puts around assistant contents (or when there are
+    more messages than the markers can number). Run after `data.validate_conversation`.
 
-
-def validate_conversation(conversation, index: int | None = None) -> None:
-    """Raise `ValueError` naming the conversation `index` and the message index when
-    `conversation` is not a non-empty list of {"role", "content"} string mappings with
-    known roles, at least one assistant message and any system message first.
-
-    >>> validate_conversation([{"role": "user", "content": "Hi"}], index=7)
+    >>> check_markers_absent([{"role": "user", "content": "\ue000"}], index=3)
     Traceback (most recent call last):
     ...
-    ValueError: conversation 7: no assistant message, so there is nothing to train on
+    ValueError: conversation 3, message 0: the content holds a reserved marker character ...
     """
-    where = _where(index)
-    if not isinstance(conversation, list):
-        raise ValueError(f"{where}: expected a list of messages, got {type(conversation).__name__}")
-    if not conversation:
-        raise ValueError(f"{where}: the conversation is empty")
     if len(conversation) > _MAX_MESSAGES:
-        raise ValueError(f"{where}: {len(conversation)} messages, more than {_MAX_MESSAGES}")
+        raise ValueError(
+            f"{location(index)}: {len(conversation)} messages, more than {_MAX_MESSAGES}"
+        )
     for i, message in enumerate(conversation):
-        where = _where(index, i)
-        if not isinstance(message, (dict, Mapping)):  # dict first: the common, fast case
-            raise ValueError(
-                f"{where}: expected a mapping with 'role' and 'content', "
-                f"got {type(message).__name__}"
-            )
-        for key in ("role", "content"):
-            if key not in message:
-                raise ValueError(f"{where}: missing {key!r}")
-            if not isinstance(message[key], str):
-                raise ValueError(
-                    f"{where}: {key!r} must be a string, got {type(message[key]).__name__}"
-                )
-        if message["role"] not in ROLES:
-            raise ValueError(f"{where}: unknown role {message['role']!r}; expected one of {ROLES}")
-        if message["role"] == "system" and i != 0:
-            raise ValueError(f"{where}: a system message must come first")
         if _RESERVED.search(message["content"]):
             raise ValueError(
-                f"{where}: the content holds a reserved marker character (U+E000, U+E001, "
-                "U+001E, U+001F or plane-15 private use); remove it"
+                f"{location(index, i)}: the content holds a reserved marker character (U+E000, "
+                "U+E001, U+001E, U+001F or plane-15 private use); remove it"
             )
-    if not any(m["role"] == "assistant" for m in conversation):
-        raise ValueError(f"{_where(index)}: no assistant message, so there is nothing to train on")
 
 
-def _chat_tensor(tokenizer, conversation, **kwargs) -> torch.Tensor:
+def rendered_ids(tokenizer, conversation, **kwargs) -> torch.Tensor:
     """`apply_chat_template` ids as a 1-D tensor, the way the prefix loop is usually written
     (`return_tensors="pt"`; transformers 5 returns a BatchEncoding by default)."""
     encoding = tokenizer.apply_chat_template(conversation, return_tensors="pt", **kwargs)
@@ -117,12 +89,12 @@ def naive_tokenize_with_masking(conversation, tokenizer, max_length: int = 2048)
     trained; and it renders the template once per non-assistant message (quadratic work in
     the number of turns). Truncation can silently leave no trained token at all.
     """
-    full = _chat_tensor(tokenizer, conversation)
+    full = rendered_ids(tokenizer, conversation)
     labels = full.clone()
     for i, message in enumerate(conversation):
         if message["role"] == "assistant":
             continue
-        prefix = _chat_tensor(tokenizer, conversation[: i + 1], add_generation_prompt=True)
+        prefix = rendered_ids(tokenizer, conversation[: i + 1], add_generation_prompt=True)
         labels[: len(prefix)] = IGNORE_INDEX
     input_ids = full[:max_length]
     return {
@@ -172,7 +144,7 @@ def _spans_from_markers(marked_text: str, conversation, index: int | None):
         kinds = [kind for kind, _ in found[i]]
         if kinds != [_OPEN, _CLOSE]:
             raise ValueError(
-                f"{_where(index, i)}: the chat template does not write this assistant content "
+                f"{location(index, i)}: the chat template does not write this assistant content "
                 "exactly once (it drops or repeats it), so its span in the rendered text "
                 "cannot be determined"
             )
@@ -180,7 +152,7 @@ def _spans_from_markers(marked_text: str, conversation, index: int | None):
         lead, core, trail = _split_whitespace(conversation[i]["content"])
         if marked_text[open_end:close_start] != core:
             raise ValueError(
-                f"{_where(index, i)}: the chat template rewrites this assistant content, so "
+                f"{location(index, i)}: the chat template rewrites this assistant content, so "
                 "its span in the rendered text cannot be determined"
             )
         start, end = open_end - 2, close_start + 2
@@ -196,7 +168,7 @@ def _spans_from_markers(marked_text: str, conversation, index: int | None):
     reserved = [match.start() for match in _RESERVED.finditer(marked_text)]
     if len(reserved) != n_reserved:
         raise ValueError(
-            f"{_where(index)}: the chat template moves or copies part of an assistant content, "
+            f"{location(index)}: the chat template moves or copies part of an assistant content, "
             "so the assistant spans cannot be determined"
         )
 
@@ -228,7 +200,7 @@ def render_marked(conversation, tokenizer, index: int | None = None) -> str:
     try:
         return tokenizer.apply_chat_template(_marked(conversation), tokenize=False)
     except TemplateError as error:
-        where = _where(index, _failing_message(tokenizer, conversation))
+        where = location(index, _failing_message(tokenizer, conversation))
         raise ValueError(f"{where}: the chat template refused the conversation: {error}") from error
 
 
@@ -257,6 +229,7 @@ def assistant_spans(conversation, tokenizer, index: int | None = None):
     {1: '4'}
     """
     validate_conversation(conversation, index)
+    check_markers_absent(conversation, index)
     return _spans_from_markers(render_marked(conversation, tokenizer, index), conversation, index)
 
 
@@ -295,7 +268,7 @@ def _labels(encoding, input_ids: np.ndarray, spans, special_ids, index) -> np.nd
             or int(input_ids[closing]) not in special_ids
         ):
             raise ValueError(
-                f"{_where(index, i)}: no special end-of-turn token right after this assistant "
+                f"{location(index, i)}: no special end-of-turn token right after this assistant "
                 "content, so the turn's end cannot be trained (the model would never learn to stop)"
             )
         first = _first_token(encoding, start, end, closing)
@@ -328,7 +301,7 @@ def tokenize_with_masking(
     trained = np.flatnonzero(labels != IGNORE_INDEX)
     if trained[0] >= max_length:
         raise AllMaskedError(
-            f"{_where(index)}: {len(input_ids)} tokens, and max_length={max_length} cuts away "
+            f"{location(index)}: {len(input_ids)} tokens, and max_length={max_length} cuts away "
             f"every trained token (the first is token {trained[0]}); its loss would be NaN"
         )
     ids = torch.from_numpy(input_ids[:max_length].copy())

@@ -58,7 +58,6 @@ ADAPTER_BYTES = 4  # PEFT keeps LoRA weights in float32
 FLOAT32_BYTES = 4
 NF4_TABLE_BYTES = 16 * FLOAT32_BYTES
 DYNAMIC_TABLE_BYTES = 256 * FLOAT32_BYTES
-PARTS = ("weights", "quant_constants", "adapters", "gradients", "optimizer_states", "activations")
 GB = 1e9
 GIB = 2**30
 DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}

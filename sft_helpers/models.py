@@ -30,7 +30,7 @@ from pathlib import Path
 
 import torch
 
-from sft_helpers.environment import pick_device, pick_dtype
+from sft_helpers.runtime import pick_device, pick_dtype
 
 DEFAULT_PROFILE = "smollm2-135m-instruct"
 TINY_PROFILE = "tiny"
@@ -64,6 +64,15 @@ class OfflineError(RuntimeError):
 def cache_root() -> Path:
     """The course's cache folder: `$SFT_CACHE_DIR`, default `~/.cache/sft-course`."""
     return Path(os.environ.get("SFT_CACHE_DIR", "~/.cache/sft-course")).expanduser()
+
+
+def entry_path(name: str) -> Path:
+    """Where the cache entry `name` lives: `cache_root()/models/name` (the one rule).
+
+    >>> entry_path("tiny").parts[-2:]
+    ('models', 'tiny')
+    """
+    return cache_root() / "models" / name
 
 
 def display_path(path: Path) -> str:
@@ -127,7 +136,7 @@ def cached_entry(name: str, build: Callable[[Path], None]) -> Path:
     The build writes to a temporary folder that is renamed into place only when complete,
     so an interrupted build never leaves a folder that looks finished.
     """
-    target = cache_root() / "models" / name
+    target = entry_path(name)
     if cache_is_valid(target):
         return target
     if target.exists():
@@ -300,7 +309,7 @@ def describe_profile(profile: str) -> dict[str, str]:
     """Where `profile` comes from and the state of its cache, for the environment report."""
     if profile not in OFFLINE_PROFILES:
         return {"profile": profile, "source": "Hugging Face Hub" + (" (offline!)" * hub_offline())}
-    entry = cache_root() / "models" / profile
+    entry = entry_path(profile)
     state = "ready" if cache_is_valid(entry) else "not built yet (first load builds it)"
     if profile == DEFAULT_PROFILE:
         spec = importlib.util.find_spec(GGUF_PACKAGE)

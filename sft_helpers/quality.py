@@ -22,22 +22,22 @@ progress bars) and `drop_flagged` keeps the clean rows.
 
 from __future__ import annotations
 
-import copy
 import hashlib
-import json
-import random
 import re
-import string
 import unicodedata
 import zlib
 from collections import Counter, defaultdict
 from collections.abc import Iterable, Mapping, Sequence
-from pathlib import Path
 
 import numpy as np
 
-from sft_helpers.data import DATA_DIR, PERSONA_NAME, expects_persona, names_persona, style_problems
-from sft_helpers.masking import validate_conversation
+from sft_helpers.data import (
+    PERSONA_NAME,
+    expects_persona,
+    names_persona,
+    style_problems,
+    validate_conversation,
+)
 
 # --- the baseline heuristic ----------------------------------------------------------------
 BASELINE_OPENERS = ("Sure!", "Certainly!", "Of course!", "Great question!")
@@ -215,7 +215,7 @@ def quality_report(
     reply); `expects_persona` (an identity question) also requires a reply naming the
     persona. Malformed input (not a list of {"role", "content"} strings, unknown roles, a
     system message that is not first, no assistant turn) raises `ValueError` naming
-    conversation `index` and the message, via `masking.validate_conversation`.
+    conversation `index` and the message, via `data.validate_conversation`.
 
     >>> quality_report([{"role": "assistant", "content": "Hello, how can I help you?"},
     ...                 {"role": "user", "content": "Hi"}], house_style=False)
@@ -434,7 +434,14 @@ def contamination(
 # === 4. Whole datasets =====================================================================
 
 
-def _messages(example, index: int) -> list:
+def messages_of(example, index: int) -> list:
+    """The `messages` of dataset row `index`; a row without them raises `ValueError` naming it.
+
+    >>> messages_of({"id": "x"}, 3)
+    Traceback (most recent call last):
+    ...
+    ValueError: example 3: expected a mapping with a 'messages' list
+    """
     if not isinstance(example, Mapping) or "messages" not in example:
         raise ValueError(f"example {index}: expected a mapping with a 'messages' list")
     return example["messages"]
@@ -447,7 +454,7 @@ def answered(example: Mapping, index: int = 0) -> list[dict]:
     >>> answered({"messages": [{"role": "user", "content": "2+2?"}], "reference": "4."})
     [{'role': 'user', 'content': '2+2?'}, {'role': 'assistant', 'content': '4.'}]
     """
-    messages = list(_messages(example, index))
+    messages = list(messages_of(example, index))
     if example.get("reference") is None:
         return messages
     return [*messages, {"role": "assistant", "content": _text_field(example, "reference")}]
@@ -473,7 +480,7 @@ def flag_dataset(
     ...                             {"role": "assistant", "content": "Hello."}]}])
     [{'messages': [...], 'reasons': ['too_short']}]
     """
-    conversations = [_messages(ex, i) for i, ex in enumerate(examples)]
+    conversations = [messages_of(ex, i) for i, ex in enumerate(examples)]
     eval_conversations = [answered(ex, i) for i, ex in enumerate(eval_examples)]
     for i, conversation in [*enumerate(conversations), *enumerate(eval_conversations)]:
         validate_conversation(conversation, i)  # bad input fails here, naming the example
@@ -522,219 +529,3 @@ def drop_flagged(examples, ignore: Iterable[str] = ()):
     if isinstance(examples, list):
         return [ex for ex in examples if keep(ex)]
     return examples.filter(keep, desc="drop flagged")
-
-
-# === 5. A labelled noisy dataset ===========================================================
-
-DEFECTS = (
-    "duplicate",
-    "near_duplicate",
-    "sycophantic_opener",
-    "too_short",
-    "truncated",
-    "roles_out_of_order",
-    "empty_turn",
-    "off_persona",
-    "eval_contamination",
-)
-INJECTED_OPENERS = ("Sure! ", "Certainly! ", "Great question! ", "Absolutely! ", "Of course, ")
-# A generic-assistant reply: no persona, no house style.
-OFF_PERSONA_REPLY = "As an AI language model, I don't have a name, but here is what I know: {}"
-NOISY_PER_DEFECT = 12
-NOISY_FILE = DATA_DIR / "noisy_train.jsonl"
-
-
-def _reply_index(conversation, rng: random.Random) -> int:
-    return rng.choice([i for i, m in enumerate(conversation) if m["role"] == "assistant"])
-
-
-def _first_line(text: str) -> str:
-    return text.strip().splitlines()[0]
-
-
-def inject_defect(conversation, defect: str, rng: random.Random) -> list[dict]:
-    """A copy of `conversation` with one defect from `DEFECTS` planted in it ("duplicate" and
-    "near_duplicate" return the copy to add next to the source; "eval_contamination" needs
-    an eval conversation, see `build_noisy_dataset`). The input is left untouched.
-
-    >>> chat = [{"role": "user", "content": "Hi?"}, {"role": "assistant", "content": "Hello."}]
-    >>> inject_defect(chat, "roles_out_of_order", random.Random(0))[0]["role"]
-    'assistant'
-    """
-    chat = copy.deepcopy(list(conversation))
-    k = _reply_index(chat, rng)
-    reply = chat[k]["content"]
-    if defect == "duplicate":
-        return chat
-    if defect == "near_duplicate":  # drop one word inside a line: Jaccard stays high
-        words = reply.split(" ")
-        del words[rng.choice([i for i in range(1, len(words) - 1) if "\n" not in words[i]])]
-        chat[k]["content"] = " ".join(words)
-    elif defect == "sycophantic_opener":
-        chat[k]["content"] = rng.choice(INJECTED_OPENERS) + reply
-    elif defect == "too_short":
-        chat[k]["content"] = (
-            " ".join(_first_line(reply).split()[: rng.randint(1, 3)]).rstrip(".") + "."
-        )
-    elif defect == "truncated":  # cut at 40-80% of the words, mid-sentence
-        words = reply.split(" ")
-        cut = max(1, int(len(words) * rng.uniform(0.4, 0.8)))
-        chat[k]["content"] = " ".join(words[:cut]).rstrip(string.punctuation)
-    elif defect == "roles_out_of_order":  # the first user turn and its reply swap places
-        first = next(i for i, m in enumerate(chat) if m["role"] == "user")
-        chat[first], chat[first + 1] = chat[first + 1], chat[first]
-    elif defect == "empty_turn":
-        chat[rng.choice([i for i, m in enumerate(chat) if m["role"] != "system"])]["content"] = ""
-    elif defect == "off_persona":
-        chat[k]["content"] = OFF_PERSONA_REPLY.format(_first_line(reply))
-    else:
-        raise ValueError(f"cannot inject {defect!r}; expected one of {DEFECTS[:-1]}")
-    return chat
-
-
-def build_noisy_dataset(
-    clean: Sequence, eval_examples: Sequence, per_defect: int = NOISY_PER_DEFECT, seed: int = 0
-) -> list[dict]:
-    """The clean conversations mixed with `per_defect` injected examples of each defect,
-    shuffled, each row {"messages", "defect"} with defect `CLEAN` ("none") or a name from
-    `DEFECTS`. In-place defects replace a clean conversation; duplicates and near
-    duplicates are added copies of a clean one (always placed after their source, so the
-    copy is the one a filter should drop); contamination adds eval conversations verbatim,
-    their reference as the reply. Other fields of the examples (id, category) are kept.
-    """
-    rng = random.Random(seed)
-    rows = [{**ex, "messages": _messages(ex, i), "defect": CLEAN} for i, ex in enumerate(clean)]
-    in_place = [
-        d for d in DEFECTS if d not in ("duplicate", "near_duplicate", "eval_contamination")
-    ]
-    picked = rng.sample(range(len(rows)), per_defect * (len(in_place) + 2))
-    for n, i in enumerate(picked[: per_defect * len(in_place)]):
-        defect = in_place[n // per_defect]
-        rows[i] = {
-            **rows[i],
-            "messages": inject_defect(rows[i]["messages"], defect, rng),
-            "defect": defect,
-        }
-    sources = picked[per_defect * len(in_place) :]  # clean rows that get a copy
-    copies = []
-    for n, i in enumerate(sources):
-        defect = "duplicate" if n < per_defect else "near_duplicate"
-        copies.append(
-            {
-                **rows[i],
-                "messages": inject_defect(rows[i]["messages"], defect, rng),
-                "defect": defect,
-            }
-        )
-    leaks = [  # an eval conversation with its reference reply, as a training example
-        {
-            **{key: value for key, value in ex.items() if key != "reference"},
-            "messages": answered(ex, i),
-            "defect": "eval_contamination",
-        }
-        for i, ex in enumerate(rng.sample(list(eval_examples), per_defect))
-    ]
-    order = list(range(len(rows) + len(copies) + len(leaks)))
-    rng.shuffle(order)
-    position = {item: place for place, item in enumerate(order)}
-    for n, source in enumerate(sources):  # a copy must come after its source
-        copy_item = len(rows) + n
-        if position[copy_item] < position[source]:
-            position[copy_item], position[source] = position[source], position[copy_item]
-    everything = rows + copies + leaks
-    return [everything[item] for item in sorted(position, key=position.get)]
-
-
-def load_noisy_dataset(path: Path = NOISY_FILE) -> list[dict]:
-    """The shipped labelled noisy set: `build_noisy_dataset` of the course's train split
-    with the eval split's leaks, seed 0, one JSON object per line. A bad line raises
-    `ValueError` naming the line.
-
-    Rebuild it (after the course data change) with:
-    `save_jsonl(build_noisy_dataset(read_split("train"), read_split("eval")), NOISY_FILE)`.
-    """
-    rows = []
-    for number, line in enumerate(Path(path).read_text(encoding="utf-8").splitlines(), 1):
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError as error:
-            raise ValueError(
-                f"{Path(path).name} line {number}: not valid JSON ({error.msg})"
-            ) from error
-        if not isinstance(row, dict) or row.get("defect") not in (CLEAN, *DEFECTS):
-            raise ValueError(f"{Path(path).name} line {number}: no known 'defect' label")
-        rows.append(row)
-    return rows
-
-
-def save_jsonl(rows: Iterable[Mapping], path: Path) -> None:
-    """Write `rows` as JSON lines (UTF-8, non-ASCII kept readable)."""
-    lines = (json.dumps(row, ensure_ascii=False) for row in rows)
-    Path(path).write_text("".join(line + "\n" for line in lines), encoding="utf-8")
-
-
-# === 6. Measuring a filter =================================================================
-
-CLEAN = "none"  # the label of an example with no injected defect
-
-
-def precision_recall(
-    flagged: Sequence[bool], labels: Sequence[str], defect: str | None = None
-) -> tuple[float | None, float | None]:
-    """Precision (flagged examples that carry the defect) and recall (examples with the
-    defect that are flagged). `defect=None` counts every label other than `CLEAN` as a
-    defect. A ratio with nothing to divide by is None, never NaN.
-
-    >>> precision_recall([True, True, False], ["too_short", "none", "too_short"], "too_short")
-    (0.5, 0.5)
-    """
-    if len(flagged) != len(labels):
-        raise ValueError(f"{len(flagged)} flags but {len(labels)} labels")
-    positive = [label != CLEAN if defect is None else label == defect for label in labels]
-    hits = sum(f and p for f, p in zip(flagged, positive, strict=True))
-    n_flagged, n_positive = sum(map(bool, flagged)), sum(positive)
-    return (
-        hits / n_flagged if n_flagged else None,
-        hits / n_positive if n_positive else None,
-    )
-
-
-def filter_table(
-    reasons: Sequence[Sequence[str]], labels: Sequence[str], baseline_kept: Sequence[bool]
-) -> list[dict]:
-    """One row per defect label: how many examples carry it, the share of them the baseline
-    drops (its recall; with one score for all defects it has no per-defect precision), and
-    the precision and recall of the named rule of the same name. A last row, "any defect",
-    scores dropping every flagged example against every injected defect.
-
-    >>> table = filter_table([["too_short"], []], ["too_short", "none"], [False, True])
-    >>> [(row["defect"], row["baseline recall"], row["rule precision"]) for row in table]
-    [('too_short', 1.0, 1.0), ('any defect', 1.0, 1.0)]
-    """
-    dropped = [not kept for kept in baseline_kept]
-    rows = []
-    for defect in sorted(set(labels) - {CLEAN}):
-        precision, recall = precision_recall([defect in r for r in reasons], labels, defect)
-        rows.append(
-            {
-                "defect": defect,
-                "examples": sum(label == defect for label in labels),
-                "baseline precision": None,
-                "baseline recall": precision_recall(dropped, labels, defect)[1],
-                "rule precision": precision,
-                "rule recall": recall,
-            }
-        )
-    base_precision, base_recall = precision_recall(dropped, labels)
-    precision, recall = precision_recall([bool(r) for r in reasons], labels)
-    rows.append(
-        {
-            "defect": "any defect",
-            "examples": sum(label != CLEAN for label in labels),
-            "baseline precision": base_precision,
-            "baseline recall": base_recall,
-            "rule precision": precision,
-            "rule recall": recall,
-        }
-    )
-    return rows

@@ -39,8 +39,7 @@ from pathlib import Path
 
 import torch
 
-from sft_helpers.data import read_jsonl
-from sft_helpers.masking import validate_conversation
+from sft_helpers.data import read_conversations
 from sft_helpers.models import (
     DEFAULT_PROFILE,
     GGUF_PACKAGE,
@@ -51,40 +50,26 @@ from sft_helpers.models import (
     load_model,
     resolve_profile,
 )
-from sft_helpers.training import (
-    COURSE_CONFIG,
-    LABEL_MODES,
-    LORA_TARGETS,
-    lora_config,
-    run_summary,
-    train_sft,
-)
+from sft_helpers.training import LABEL_MODES, RECIPE, run_summary, train_arguments, train_sft
 
 METRICS_FILE = "metrics.json"
 # Where a run writes when the config names no output_dir: outputs/<config file's stem>
 # (the repository ignores outputs/).
 OUTPUT_ROOT = "outputs"
-# Every setting, by section, with its default (None under data.train: it is required).
+# Every setting, by section, with its default: the course recipe (`training.RECIPE`), plus
+# the data to train on (data.train is required) and where to write.
 DEFAULTS: dict = {
-    "model": {"profile": DEFAULT_PROFILE, "quantization": None},
+    "model": RECIPE["model"],
     "data": {"train": None, "max_examples": None},
-    "masking": {"labels": COURSE_CONFIG["labels"]},
-    "lora": {
-        "r": COURSE_CONFIG["lora_r"],
-        "alpha": COURSE_CONFIG["lora_alpha"],
-        "target_modules": list(LORA_TARGETS),
-        "layers": None,  # every decoder layer
-    },
-    "training": {
-        key: COURSE_CONFIG[key]
-        for key in ("max_length", "max_steps", "batch_size", "learning_rate", "warmup_steps",
-                    "packing", "seed")
-    },
+    "masking": RECIPE["masking"],
+    "lora": RECIPE["lora"],
+    "training": RECIPE["training"],
     "output_dir": None,
 }
 REQUIRED = ("data.train",)
-# Names that other tools use for our settings (TRL, PEFT, older course code): an unknown
-# key among these gets the right name, even where the spelling is far from it.
+# Names that other tools use for our settings (TRL's and PEFT's arguments, other trainers'
+# config files): an unknown key among these gets the right name, even where the spelling is
+# far from it.
 RENAMED = {
     "max_seq_length": "max_length",
     "per_device_train_batch_size": "batch_size",
@@ -262,30 +247,6 @@ def _find_data(name: str, config_file: Path, where: str) -> Path:
     raise ConfigError(f"{where}: data.train: no file {name!r} (looked for {tried})")
 
 
-def read_train_file(path: Path) -> list[dict]:
-    """The training records of a .jsonl file: one `{"messages": [...], ...}` conversation a
-    line, each checked with `sft_helpers.masking.validate_conversation`; a bad line raises
-    `ValueError` naming the file and the line (and the message index where it has one).
-    Any task's conversations qualify (the course data, the capstone's triage data).
-
-    >>> read_train_file("sft_helpers/data/course_train.jsonl")[0]["id"]   # doctest: +SKIP
-    'train-0000'
-    """
-    path = Path(path)
-    records = read_jsonl(path)
-    for number, record in enumerate(records, start=1):
-        where = f"{path.name} line {number}"
-        if not isinstance(record, Mapping) or "messages" not in record:
-            raise ValueError(f"{where}: expected an object with a 'messages' list")
-        try:
-            validate_conversation(record["messages"])
-        except ValueError as error:
-            raise ValueError(f"{where}: {error}") from error
-    if not records:
-        raise ValueError(f"{path.name} holds no training conversations")
-    return records
-
-
 def load_train_config(
     path: str | Path, *, output_dir: str | Path | None = None, max_steps: int | None = None
 ) -> dict:
@@ -321,7 +282,7 @@ def load_train_config(
     _check_profile(config["model"]["profile"], where)
     train = _find_data(config["data"]["train"], config_file, where)
     try:
-        read_train_file(train)
+        read_conversations(train)
     except ValueError as error:
         raise ConfigError(f"{where}: data.train: {error}") from error
     config["data"]["train"] = str(train)
@@ -398,19 +359,14 @@ def train_from_config(config: Mapping) -> Path:
     _check_sharding(config)
     state = _process_state()
     output_dir = Path(config["output_dir"])
-    model_cfg, lora, train = config["model"], config["lora"], config["training"]
-    records = read_train_file(Path(config["data"]["train"]))[: config["data"]["max_examples"]]
+    records = read_conversations(Path(config["data"]["train"]))[: config["data"]["max_examples"]]
     model, tokenizer = load_model(
-        model_cfg["profile"], quantization=model_cfg["quantization"], device=state.device
+        config["model"]["profile"], quantization=config["model"]["quantization"],
+        device=state.device,
     )
     trainer = train_sft(
         model, tokenizer, [r["messages"] for r in records], output_dir=output_dir / "trainer",
-        max_length=train["max_length"], max_steps=train["max_steps"],
-        batch_size=train["batch_size"], learning_rate=train["learning_rate"],
-        warmup_steps=train["warmup_steps"], packing=train["packing"],
-        peft_config=lora_config(lora["r"], lora["alpha"], lora["target_modules"], lora["layers"]),
-        labels=config["masking"]["labels"], seed=train["seed"],
-        progress=state.is_main_process,
+        progress=state.is_main_process, **train_arguments(config),
     )
     # What save_pretrained writes: the LoRA tensors, named without the adapter name.
     # One digest per rank, in rank order (a one-item list in a single process).

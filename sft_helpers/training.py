@@ -19,6 +19,7 @@ that later notebooks load it in seconds; a corrupt cache entry is rebuilt.
 from __future__ import annotations
 
 import contextlib
+import copy
 import hashlib
 import json
 import shutil
@@ -29,31 +30,37 @@ from pathlib import Path
 import torch
 
 from sft_helpers.data import DATA_DIR, SPLIT_FILES, read_split
-from sft_helpers.environment import seed_everything
+from sft_helpers.lora import TARGET_PRESETS
 from sft_helpers.masking import IGNORE_INDEX, mask_dataset
-from sft_helpers.models import DEFAULT_PROFILE, cache_root, cached_entry, load_model
+from sft_helpers.models import DEFAULT_PROFILE, cached_entry, entry_path, load_model
+from sft_helpers.runtime import LIBRARY_RENAME_NOTICE, seed_everything
 
-# Every linear layer of a Llama block: attention and MLP.
-LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
-# The course adapter's recipe. Sized for a 2-core CPU (see notebook 03): short replies,
-# a high, constant LoRA learning rate (format and persona are learned in a few dozen steps).
-COURSE_CONFIG: dict = {
-    "profile": DEFAULT_PROFILE,
-    "max_length": 192,
-    "max_steps": 24,
-    "batch_size": 4,
-    "learning_rate": 3e-3,
-    "warmup_steps": 0,
-    "lora_r": 8,
-    "lora_alpha": 16,
-    "target_modules": list(LORA_TARGETS),
-    # The top 12 of the 30 layers: backpropagation stops at layer 18, which makes a step
-    # about 1.6x faster than adapting all layers, and format and persona still train.
-    "lora_layers": list(range(18, 30)),
-    "packing": False,
-    "labels": "assistant",
-    "seed": 0,
+# The course recipe: every default of a training run, in the nested shape of a YAML config
+# (configs/capstone.yaml). `train_sft`, `lora_config`, `course_adapter` and
+# `python -m sft_helpers.train` all take their defaults from here. Sized for a 2-core CPU
+# (see notebook 03): short replies, a high, constant LoRA learning rate.
+RECIPE: dict = {
+    "model": {"profile": DEFAULT_PROFILE, "quantization": None},
+    "masking": {"labels": "assistant"},
+    "lora": {
+        "r": 8,
+        "alpha": 16,
+        "target_modules": list(TARGET_PRESETS["all-linear"]),
+        # The top 12 of the 30 layers: backpropagation stops at layer 18, which makes a step
+        # about 1.6x faster than adapting all layers, and format and persona still train.
+        "layers": list(range(18, 30)),
+    },
+    "training": {
+        "max_length": 192,
+        "max_steps": 24,
+        "batch_size": 4,
+        "learning_rate": 3e-3,
+        "warmup_steps": 0,
+        "packing": False,
+        "seed": 0,
+    },
 }
+_LORA, _TRAINING = RECIPE["lora"], RECIPE["training"]
 # What the loss covers: the course's masking, and two mistakes kept to measure their cost.
 LABEL_MODES = {
     "assistant": "assistant replies and their closing end-of-turn token (the course's masking)",
@@ -61,18 +68,18 @@ LABEL_MODES = {
     "pad_eos": "assistant replies, minus every token whose id is the pad id (pad == eos drops EOS)",
 }
 TRAINING_LOG = "training_log.json"
-CHECKPOINTING_NOTICE = r".*gradient_checkpointing.*deprecated"
 ADAPTER_PREFIX = "course-adapter"
 
 
 def lora_config(
-    r: int = 8,
-    alpha: int = 16,
-    target_modules: Sequence[str] = LORA_TARGETS,
-    layers: Sequence[int] | None = None,
+    r: int = _LORA["r"],
+    alpha: float = _LORA["alpha"],
+    target_modules: Sequence[str] = tuple(_LORA["target_modules"]),
+    layers: Sequence[int] | None = tuple(_LORA["layers"]),
 ):
     """The PEFT `LoraConfig` of the course: rank `r`, scale alpha/r, no dropout, on
-    `target_modules` of the decoder layers `layers` (all layers when None).
+    `target_modules` of the decoder layers `layers` (all layers when None). The defaults
+    are `RECIPE["lora"]`.
 
     No dropout keeps a CPU run bit-for-bit repeatable (and a few dozen steps do not overfit).
     Adapting only the top layers saves time: backpropagation stops at the lowest adapter.
@@ -192,7 +199,7 @@ def _quiet_preparation():
     datasets.disable_progress_bars()
     try:
         with warnings.catch_warnings():
-            warnings.filterwarnings("ignore", CHECKPOINTING_NOTICE, FutureWarning)
+            warnings.filterwarnings("ignore", LIBRARY_RENAME_NOTICE, FutureWarning)
             yield
     finally:
         if bars:
@@ -205,23 +212,24 @@ def train_sft(
     conversations: Sequence,
     *,
     output_dir: str | Path,
-    max_length: int = 192,
-    max_steps: int = 24,
-    batch_size: int = 4,
-    learning_rate: float = 2e-3,
-    warmup_steps: int = 0,
-    packing: bool = False,
+    max_length: int = _TRAINING["max_length"],
+    max_steps: int = _TRAINING["max_steps"],
+    batch_size: int = _TRAINING["batch_size"],
+    learning_rate: float = _TRAINING["learning_rate"],
+    warmup_steps: int = _TRAINING["warmup_steps"],
+    packing: bool = _TRAINING["packing"],
     peft_config=None,
-    labels: str = "assistant",
-    seed: int = 0,
+    labels: str = RECIPE["masking"]["labels"],
+    seed: int = _TRAINING["seed"],
     progress: bool = True,
 ):
     """Fine-tune `model` on `conversations` (lists of messages) with TRL's `SFTTrainer`.
 
-    The loss covers the assistant's tokens only (our masking; `labels` selects one of the
-    mistakes in `LABEL_MODES` instead). `peft_config` defaults to
-    `lora_config()`; TRL wraps the model with it. Seeded: on the CPU two runs with the same
-    arguments give the same loss at every step. Returns the trained trainer:
+    Every setting defaults to the course recipe (`RECIPE`); `train_arguments(recipe)`
+    gives them all from a recipe. The loss covers the assistant's tokens only (our
+    masking; `labels` selects one of the mistakes in `LABEL_MODES` instead). `peft_config`
+    defaults to `lora_config()`; TRL wraps the model with it. Seeded: on the CPU two runs
+    with the same arguments give the same loss at every step. Returns the trained trainer:
     `trainer.model` is the PEFT model, `loss_history(trainer)` the loss per step.
 
     >>> trainer = train_sft(model, tokenizer, chats, output_dir="out")  # doctest: +SKIP
@@ -283,45 +291,68 @@ def _data_digest(data_dir: Path) -> str:
 
 
 def adapter_key(config: Mapping, data_dir: Path = DATA_DIR) -> str:
-    """The cache key of an adapter: a hash of its config and of the course data files.
+    """The cache key of an adapter: a hash of its recipe and of the course data files.
 
-    >>> adapter_key(COURSE_CONFIG) == adapter_key(dict(COURSE_CONFIG))
+    >>> adapter_key(RECIPE) == adapter_key(recipe_with())
     True
-    >>> adapter_key(COURSE_CONFIG) == adapter_key({**COURSE_CONFIG, "max_steps": 1})
+    >>> adapter_key(RECIPE) == adapter_key(recipe_with(max_steps=1))
     False
     """
     payload = json.dumps({"config": dict(config), "data": _data_digest(data_dir)}, sort_keys=True)
     return hashlib.sha256(payload.encode()).hexdigest()[:16]
 
 
-def _config_with(overrides: Mapping) -> dict:
-    unknown = set(overrides) - set(COURSE_CONFIG)
-    if unknown:
-        raise ValueError(f"unknown course adapter settings {sorted(unknown)}; "
-                         f"the settings are {sorted(COURSE_CONFIG)}")
-    return {**COURSE_CONFIG, **overrides}
+def recipe_with(recipe: Mapping = RECIPE, **settings) -> dict:
+    """A copy of `recipe` with each setting put in the section that holds it; the names are
+    the YAML's (`layers`, `max_steps`, `labels`, ...). An unknown name raises `ValueError`.
+
+    >>> recipe_with(profile="tiny", layers=None)["lora"]["layers"] is None
+    True
+    >>> recipe_with(lora_r=4)
+    Traceback (most recent call last):
+    ...
+    ValueError: unknown recipe setting 'lora_r'; the settings are alpha, batch_size, labels, ...
+    """
+    config = copy.deepcopy(dict(recipe))
+    sections = {key: name for name, values in RECIPE.items() for key in values}
+    for key, value in settings.items():
+        if key not in sections:
+            raise ValueError(f"unknown recipe setting {key!r}; the settings are "
+                             f"{', '.join(sorted(sections))}")
+        config[sections[key]][key] = value
+    return config
+
+
+def train_arguments(recipe: Mapping) -> dict:
+    """The keyword arguments of `train_sft` that `recipe` (in `RECIPE`'s shape) describes:
+    the training section, the masking labels and the LoRA config. The one place a recipe
+    becomes a run (the course adapter and the train CLI both call it).
+
+    >>> sorted(train_arguments(RECIPE))
+    ['batch_size', 'labels', 'learning_rate', 'max_length', 'max_steps', 'packing',
+     'peft_config', 'seed', 'warmup_steps']
+    """
+    lora = recipe["lora"]
+    return {
+        **{key: recipe["training"][key] for key in _TRAINING},
+        "labels": recipe["masking"]["labels"],
+        "peft_config": lora_config(
+            lora["r"], lora["alpha"], lora["target_modules"], lora["layers"]
+        ),
+    }
 
 
 def _build_adapter(config: Mapping, data_dir: Path):
     def build(directory: Path) -> None:
-        model, tokenizer = load_model(config["profile"])
+        model, tokenizer = load_model(config["model"]["profile"],
+                                      quantization=config["model"]["quantization"])
         conversations = [r["messages"] for r in read_split("train", data_dir)]
-        trainer = train_sft(
-            model, tokenizer, conversations, output_dir=directory / "trainer",
-            max_length=config["max_length"], max_steps=config["max_steps"],
-            batch_size=config["batch_size"], learning_rate=config["learning_rate"],
-            warmup_steps=config["warmup_steps"], packing=config["packing"],
-            peft_config=lora_config(
-                config["lora_r"], config["lora_alpha"], config["target_modules"],
-                config["lora_layers"],
-            ),
-            labels=config["labels"],
-            seed=config["seed"],
-        )
+        trainer = train_sft(model, tokenizer, conversations, output_dir=directory / "trainer",
+                            **train_arguments(config))
         shutil.rmtree(directory / "trainer", ignore_errors=True)
         trainer.model.save_pretrained(directory)
         log = {
-            "config": dict(config),
+            "config": config,
             **run_summary(trainer),
             "dtype": str(trainer.model.dtype).removeprefix("torch."),
         }
@@ -330,19 +361,19 @@ def _build_adapter(config: Mapping, data_dir: Path):
     return build
 
 
-def course_adapter(*, retrain: bool = False, data_dir: Path = DATA_DIR, **overrides) -> Path:
+def course_adapter(*, retrain: bool = False, data_dir: Path = DATA_DIR, **settings) -> Path:
     """The folder of the course LoRA adapter, trained on first use and cached.
 
-    Settings default to `COURSE_CONFIG` (keyword overrides, e.g. `profile="tiny"`); the
-    cache entry is `course-adapter-<key>` with `key = adapter_key(config)`, so a change
-    to the recipe or the data trains a new adapter. `retrain=True` discards a cached copy.
-    The folder holds the PEFT adapter and `training_log.json` (config, loss per step,
-    training time).
+    The recipe is `RECIPE` with `settings` put in (`recipe_with`, e.g. `profile="tiny"`,
+    `labels="all"`); the cache entry is `course-adapter-<key>` with `key = adapter_key(...)`,
+    so a change to the recipe or the data trains a new adapter. `retrain=True` discards a
+    cached copy. The folder holds the PEFT adapter and `training_log.json` (recipe, loss per
+    step, training time).
     """
-    config = _config_with(overrides)
+    config = recipe_with(**settings)
     name = f"{ADAPTER_PREFIX}-{adapter_key(config, data_dir)}"
     if retrain:
-        shutil.rmtree(cache_root() / "models" / name, ignore_errors=True)
+        shutil.rmtree(entry_path(name), ignore_errors=True)
     return cached_entry(name, _build_adapter(config, data_dir))
 
 
@@ -359,10 +390,10 @@ def load_course_model(adapter_dir: Path, *, merge: bool = False, device=None):
     """
     from peft import PeftModel
 
-    profile = training_log(adapter_dir)["config"]["profile"]
+    profile = training_log(adapter_dir)["config"]["model"]["profile"]
     base, tokenizer = load_model(profile, device=device)
     with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", CHECKPOINTING_NOTICE, FutureWarning)
+        warnings.filterwarnings("ignore", LIBRARY_RENAME_NOTICE, FutureWarning)
         model = PeftModel.from_pretrained(base, str(adapter_dir))
     if merge:
         model = model.merge_and_unload()

@@ -17,6 +17,7 @@ import json
 from collections.abc import Mapping, Sequence
 
 from sft_helpers.data import DATA_DIR
+from sft_helpers.generation import stop_rate
 from sft_helpers.quality import (
     GARBAGE,
     NEAR_DUPLICATE_THRESHOLD,
@@ -148,5 +149,5 @@ def triage_scores(results: Sequence[Mapping], eval_rows: Sequence[Mapping]) -> d
         "category": sum(c for c, _ in right) / n,
         "urgent": sum(u for _, u in right) / n,
         "both right": sum(c and u for c, u in right) / n,
-        "stop rate": sum(r["stop_reason"] == "eos" for r in results) / n,
+        "stop rate": stop_rate(results),
     }

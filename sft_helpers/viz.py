@@ -10,7 +10,8 @@ import html
 import re
 from collections.abc import Iterable, Mapping, Sequence
 
-IGNORE_INDEX = -100
+from sft_helpers.masking import IGNORE_INDEX
+
 TRAINED_STYLE = "background:#b7e4c7;color:#081c15"
 MASKED_STYLE = "background:#e9ecef;color:#6c757d"
 SPECIAL_STYLE = "background:#ffd6a5;color:#7f4f24;font-weight:bold"

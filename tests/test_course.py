@@ -46,6 +46,7 @@ def test_solutions_are_stubbed_and_outputs_cleared(student_dir, path):
     assert stubs >= 2
 
 
+@pytest.mark.slow
 def test_student_notebook_stops_at_the_first_exercise(student_dir, tmp_path):
     path = student_dir / "00_setup.ipynb"
     notebook = nbformat.read(path, as_version=4)

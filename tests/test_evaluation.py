@@ -1,4 +1,5 @@
-"""Evaluation: batched generation equals one-by-one, metrics on hand-made cases, judge checks."""
+"""Generation and evaluation: batched generation equals one-by-one, metrics on hand-made
+cases, judge checks."""
 
 from __future__ import annotations
 
@@ -8,6 +9,8 @@ import pytest
 import torch
 
 from sft_helpers import evaluation as ev
+from sft_helpers import generation as gen
+from sft_helpers.data import is_refusal
 from sft_helpers.models import load_model
 
 PROMPTS = [
@@ -42,7 +45,7 @@ def tiny():
 def _generate(tiny, prompts=PROMPTS, **kwargs):
     model, tokenizer = tiny
     options = {"max_new_tokens": 8, "do_sample": False, "progress": False} | kwargs
-    return ev.evaluate_sft_model(model, tokenizer, prompts, **options)
+    return gen.evaluate_sft_model(model, tokenizer, prompts, **options)
 
 
 # --- generation ------------------------------------------------------------------------
@@ -61,14 +64,14 @@ def test_records_follow_the_contract(tiny):
     assert [r["instruction"] for r in records] == [p["instruction"] for p in PROMPTS]
     assert [r["expected"] for r in records] == ["Hello.", None, "4"]
     # The random tiny model never closes its turn: every reply runs to the budget.
-    assert {r["stop_reason"] for r in records} == {ev.STOP_LENGTH}
+    assert {r["stop_reason"] for r in records} == {gen.STOP_LENGTH}
     assert {r["n_tokens"] for r in records} == {8}
 
 
 def test_stop_reason_is_eos_when_a_stop_token_is_generated(tiny):
     model, tokenizer = tiny
     prompt = tokenizer.apply_chat_template(
-        ev.prompt_messages(PROMPTS[0]), add_generation_prompt=True, return_tensors="pt",
+        gen.prompt_messages(PROMPTS[0]), add_generation_prompt=True, return_tensors="pt",
         return_dict=True,
     )
     with torch.no_grad():
@@ -83,7 +86,7 @@ def test_stop_reason_is_eos_when_a_stop_token_is_generated(tiny):
         record = _generate(tiny, prompts=PROMPTS[:1])[0]
     finally:
         model.generation_config.eos_token_id = original
-    assert record["stop_reason"] == ev.STOP_EOS
+    assert record["stop_reason"] == gen.STOP_EOS
     assert record["n_tokens"] == 3
     assert record["generated"] == tokenizer.decode(ids[:3])
 
@@ -97,7 +100,7 @@ def test_sampling_is_seeded(tiny):
 
 
 def test_a_system_message_reaches_the_prompt():
-    messages = ev.prompt_messages({"instruction": "Hi", "system": "You are Pip."})
+    messages = gen.prompt_messages({"instruction": "Hi", "system": "You are Pip."})
     assert messages == [
         {"role": "system", "content": "You are Pip."},
         {"role": "user", "content": "Hi"},
@@ -110,11 +113,11 @@ def test_a_conversation_under_way_is_answered_from_its_messages(tiny):
         {"role": "assistant", "content": "Hello."},
         {"role": "user", "content": "2+2?"},
     ]
-    assert ev.prompt_messages({"messages": chat}) == chat
+    assert gen.prompt_messages({"messages": chat}) == chat
     record = _generate(tiny, prompts=[{"messages": chat, "reference": "4"}])[0]
     assert (record["instruction"], record["expected"]) == ("2+2?", "4")
     with pytest.raises(ValueError, match=r"\[0\]: 'messages' must end with a user message"):
-        ev.prompt_messages({"messages": chat[:2]}, 0)
+        gen.prompt_messages({"messages": chat[:2]}, 0)
 
 
 @pytest.mark.parametrize(
@@ -185,7 +188,7 @@ def test_rouge_l(generated, reference, expected):
     ],
 )
 def test_is_refusal(text, expected):
-    assert ev.is_refusal(text) is expected
+    assert is_refusal(text) is expected
 
 
 def test_answer_line_is_the_first_non_empty_line():
@@ -193,7 +196,7 @@ def test_answer_line_is_the_first_non_empty_line():
     assert ev.answer_line("") == ""
 
 
-def _record(generated, stop=ev.STOP_EOS, expected=None, n_tokens=5, category="factual"):
+def _record(generated, stop=gen.STOP_EOS, expected=None, n_tokens=5, category="factual"):
     return {"category": category, "instruction": "q", "expected": expected,
             "generated": generated, "n_tokens": n_tokens, "stop_reason": stop}
 
@@ -203,7 +206,7 @@ def test_generation_metrics_on_hand_made_records():
         # Exact match compares the direct-answer lines only: the details may differ.
         _record("Paris.\n\n### Details\nSince 508.", "eos", "Paris\n\n### Details\nOld.", 2),
         _record("I cannot answer that.\n\n### Details\n4", "eos", "4\n\n### Details\nx", 6),
-        _record("I'm Pip.\nblah blah", ev.STOP_LENGTH, None, 10, category="identity"),
+        _record("I'm Pip.\nblah blah", gen.STOP_LENGTH, None, 10, category="identity"),
         _record("I'm SmolLM.\n\n### Details\nHi.", "eos", None, 4, category="identity"),
     ]
     metrics = ev.generation_metrics(records)
@@ -232,11 +235,11 @@ def test_metrics_refuse_empty_results():
     with pytest.raises(ValueError, match="no results"):
         ev.generation_metrics([])
     with pytest.raises(ValueError, match="no results"):
-        ev.stop_rate([])
+        gen.stop_rate([])
 
 
 def test_compare_models_puts_models_side_by_side():
-    results = {"base": [_record("x", stop=ev.STOP_LENGTH)], "tuned": [_record("x")]}
+    results = {"base": [_record("x", stop=gen.STOP_LENGTH)], "tuned": [_record("x")]}
     losses = {
         "base": {"loss": 2.0, "perplexity": math.exp(2.0)},
         "tuned": {"loss": 1.0, "perplexity": math.e},

@@ -29,6 +29,9 @@ def get(url: str) -> tuple[int, bytes]:
         return response.status, response.read()
 
 
+pytestmark = pytest.mark.slow  # starts JupyterLab
+
+
 @pytest.fixture(scope="module")
 def lab_server():
     port, token = free_port(), secrets.token_hex(16)

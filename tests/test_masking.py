@@ -9,15 +9,16 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from sft_helpers.data import validate_conversation
 from sft_helpers.masking import (
     IGNORE_INDEX,
     AllMaskedError,
     assistant_spans,
+    check_markers_absent,
     mask_dataset,
     naive_tokenize_with_masking,
     pad_batch,
     tokenize_with_masking,
-    validate_conversation,
 )
 from sft_helpers.models import load_tokenizer
 from sft_helpers.templates import TEMPLATES, with_generation_markers, with_template
@@ -191,15 +192,21 @@ def test_undeterminable_spans_raise_instead_of_guessing(tokenizer, template, pro
             ],
             r"conversation 5, message 1: a system message must come first",
         ),
-        (
-            [{"role": "user", "content": "x"}, {"role": "assistant", "content": "\ue000"}],
-            r"message 1: the content holds a reserved marker character",
-        ),
     ],
 )
 def test_bad_input_names_the_conversation_and_message(tokenizer, conversation, message):
     with pytest.raises(ValueError, match=message):
         validate_conversation(conversation, index=5)
+    with pytest.raises(ValueError, match=message):
+        tokenize_with_masking(conversation, tokenizer, index=5)
+
+
+def test_a_marker_character_in_a_content_is_refused(tokenizer):
+    conversation = [{"role": "user", "content": "x"}, {"role": "assistant", "content": "\ue000"}]
+    message = r"conversation 5, message 1: the content holds a reserved marker character"
+    validate_conversation(conversation, index=5)  # the shape is fine; the marker is masking's
+    with pytest.raises(ValueError, match=message):
+        check_markers_absent(conversation, index=5)
     with pytest.raises(ValueError, match=message):
         tokenize_with_masking(conversation, tokenizer, index=5)
 

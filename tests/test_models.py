@@ -48,6 +48,7 @@ def test_tiny_profile_is_small_and_shares_the_tokenizer():
     assert model.config.eos_token_id == tokenizer.eos_token_id
 
 
+@pytest.mark.slow  # builds model cache entries from scratch
 def test_tiny_profile_is_seeded(fresh_cache):
     first, _ = load_model("tiny")
     (fresh_cache / "tiny" / "model.safetensors").unlink()
@@ -57,6 +58,7 @@ def test_tiny_profile_is_seeded(fresh_cache):
         assert torch.equal(a, b), name
 
 
+@pytest.mark.slow  # builds model cache entries from scratch
 def test_first_load_writes_the_cache_and_second_load_reuses_it(fresh_cache, monkeypatch):
     entry = fresh_cache / "tiny"
     assert not entry.exists()
@@ -72,6 +74,7 @@ def test_first_load_writes_the_cache_and_second_load_reuses_it(fresh_cache, monk
     load_model("tiny")
 
 
+@pytest.mark.slow  # builds model cache entries from scratch
 def test_truncated_cache_file_is_rebuilt(fresh_cache):
     load_model("tiny")
     weights = fresh_cache / "tiny" / "model.safetensors"
@@ -85,6 +88,7 @@ def test_truncated_cache_file_is_rebuilt(fresh_cache):
     assert model.config.num_hidden_layers == 2
 
 
+@pytest.mark.slow  # builds model cache entries from scratch
 def test_corrupted_bytes_of_the_same_size_are_detected(fresh_cache):
     load_model("tiny")
     weights = fresh_cache / "tiny" / "model.safetensors"

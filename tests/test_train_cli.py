@@ -22,6 +22,7 @@ from sft_helpers import train
 from sft_helpers.data import DATA_DIR, SPLIT_FILES
 from sft_helpers.models import load_model
 from sft_helpers.train import ConfigError, adapter_digest, load_train_config, main
+from sft_helpers.training import RECIPE
 
 REPO = Path(__file__).resolve().parents[1]
 ACCELERATE_CONFIGS = sorted((REPO / "configs" / "accelerate").glob("*.yaml"))
@@ -30,7 +31,7 @@ TRAIN_LINES = (DATA_DIR / SPLIT_FILES["train"]).read_text(encoding="utf-8").spli
 TINY_RUN = {
     "model": {"profile": "tiny"},
     "data": {"train": "train.jsonl"},
-    "lora": {"r": 4, "alpha": 8},
+    "lora": {"r": 4, "alpha": 8, "layers": None},  # the tiny model's 2 layers, not 18-29
     "training": {"max_length": 96, "max_steps": 2, "batch_size": 2, "learning_rate": 5.0e-3},
 }
 LAUNCH_TIMEOUT_S = 240
@@ -147,6 +148,8 @@ def test_defaults_fill_what_the_file_leaves_out(tmp_path):
     config = load_train_config(write_run(tmp_path, TINY_RUN))
     assert config["masking"]["labels"] == "assistant"
     assert config["lora"]["layers"] is None and config["lora"]["target_modules"][0] == "q_proj"
+    bare = {"model": {"profile": "tiny"}, "data": {"train": "train.jsonl"}}
+    assert load_train_config(write_run(tmp_path, bare))["lora"] == RECIPE["lora"]
     assert config["training"]["warmup_steps"] == 0 and config["training"]["packing"] is False
     assert config["data"]["train"] == str((tmp_path / "train.jsonl").resolve())
     assert config["output_dir"] == str(Path("outputs") / "run")
@@ -209,6 +212,7 @@ def trained(adapter: dict[str, torch.Tensor]) -> bool:
     return any(t.abs().max() > 0 for name, t in adapter.items() if "lora_B" in name)
 
 
+@pytest.mark.slow
 def test_a_two_step_run_writes_adapter_and_metrics(tmp_path):
     path = write_run(tmp_path, with_changes({"training": {"max_steps": 5}}))
     out = main(["--config", str(path), "--max-steps", "2", "--output-dir", str(tmp_path / "out")])
@@ -236,6 +240,7 @@ def test_the_digest_changes_with_any_value_name_or_dtype():
     assert len({digest, *map(adapter_digest, [nudged, renamed, half, transposed])}) == 5
 
 
+@pytest.mark.slow
 def test_two_processes_end_with_the_same_trained_adapter(tmp_path):
     """DDP on two CPU processes (gloo) with an NF4 base, as in the capstone: gradients are
     averaged, so both ranks' adapters match."""

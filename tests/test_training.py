@@ -22,6 +22,8 @@ from sft_helpers.training import (
     lora_config,
     loss_history,
     masked_dataset,
+    recipe_with,
+    train_arguments,
     train_sft,
     training_log,
 )
@@ -30,9 +32,8 @@ CONVERSATIONS = [r["messages"] for r in read_split("train")]
 # Small enough that a tiny-model step takes well under a second.
 FAST = {"max_length": 96, "max_steps": 3, "batch_size": 2, "learning_rate": 5e-3}
 # The tiny model has 2 layers: adapt them all (the course recipe adapts layers 18-29 of 30).
-TINY_ADAPTER = {
-    "profile": "tiny", "max_length": 96, "max_steps": 2, "batch_size": 2, "lora_layers": None,
-}
+ALL_LAYERS = {"layers": None}
+TINY_ADAPTER = {"profile": "tiny", "max_length": 96, "max_steps": 2, "batch_size": 2, **ALL_LAYERS}
 
 
 @pytest.fixture(scope="module")
@@ -44,7 +45,7 @@ def train_tiny(tmp_path, **kwargs):
     model, tokenizer = load_model("tiny")
     settings = {**FAST, **kwargs}
     return train_sft(model, tokenizer, CONVERSATIONS[:16], output_dir=tmp_path, progress=False,
-                     **settings)
+                     peft_config=lora_config(**ALL_LAYERS), **settings)
 
 
 def test_masked_dataset_holds_the_masking_helpers_labels(tiny):
@@ -109,6 +110,7 @@ def test_trl_assistant_only_loss_gives_the_same_labels_as_our_masking(tiny, tmp_
     assert list(trainer.train_dataset["labels"]) == list(ours["labels"])
 
 
+@pytest.mark.slow
 def test_two_runs_give_the_same_loss_curve(tmp_path):
     first = loss_history(train_tiny(tmp_path / "a"))
     second = loss_history(train_tiny(tmp_path / "b"))
@@ -118,11 +120,12 @@ def test_two_runs_give_the_same_loss_curve(tmp_path):
     assert other_seed != first
 
 
+@pytest.mark.slow
 def test_train_sft_trains_the_lora_adapter_only(tmp_path):
     model, tokenizer = load_model("tiny")
     before = {n: p.detach().clone() for n, p in model.named_parameters()}
     trainer = train_sft(model, tokenizer, CONVERSATIONS[:16], output_dir=tmp_path,
-                        progress=False, peft_config=lora_config(r=4), **FAST)
+                        progress=False, peft_config=lora_config(r=4, **ALL_LAYERS), **FAST)
     peft_model = trainer.model
     trainable = {n for n, p in peft_model.named_parameters() if p.requires_grad}
     lora = {n: p for n, p in peft_model.named_parameters() if "lora_" in n}
@@ -135,6 +138,7 @@ def test_train_sft_trains_the_lora_adapter_only(tmp_path):
             assert torch.equal(param, before[base_name]), name
 
 
+@pytest.mark.slow
 def test_packing_concatenates_with_per_sequence_positions(tmp_path):
     trainer = train_tiny(tmp_path, packing=True, max_steps=1)
     assert trainer.padding_free
@@ -150,9 +154,9 @@ def test_packing_concatenates_with_per_sequence_positions(tmp_path):
 
 
 def test_adapter_key_follows_config_and_data(tmp_path):
-    config = training.COURSE_CONFIG
-    assert adapter_key(config) == adapter_key(dict(config))
-    assert adapter_key(config) != adapter_key({**config, "learning_rate": 1e-3})
+    config = training.RECIPE
+    assert adapter_key(config) == adapter_key(recipe_with())
+    assert adapter_key(config) != adapter_key(recipe_with(learning_rate=1e-3))
     for split in SPLIT_FILES.values():
         shutil.copy(DATA_DIR / split, tmp_path / split)
     assert adapter_key(config, tmp_path) == adapter_key(config)
@@ -162,15 +166,34 @@ def test_adapter_key_follows_config_and_data(tmp_path):
 
 
 def test_course_adapter_rejects_unknown_settings():
-    with pytest.raises(ValueError, match=r"unknown course adapter settings \['steps'\]"):
+    with pytest.raises(ValueError, match=r"unknown recipe setting 'steps'; the settings are "):
         course_adapter(steps=3)
 
 
+def test_one_recipe_gives_every_default():
+    import inspect
+
+    from sft_helpers import train
+
+    recipe = training.RECIPE
+    defaults = {name: p.default for name, p in inspect.signature(train_sft).parameters.items()}
+    assert {key: defaults[key] for key in recipe["training"]} == recipe["training"]
+    assert defaults["labels"] == recipe["masking"]["labels"]
+    config = lora_config()
+    assert (config.r, config.lora_alpha) == (recipe["lora"]["r"], recipe["lora"]["alpha"])
+    assert sorted(config.target_modules) == sorted(recipe["lora"]["target_modules"])
+    assert config.layers_to_transform == recipe["lora"]["layers"]
+    assert {section: train.DEFAULTS[section] for section in recipe} == recipe
+    arguments = train_arguments(recipe_with(max_steps=7, layers=[0]))
+    assert arguments["max_steps"] == 7 and arguments["peft_config"].layers_to_transform == [0]
+
+
+@pytest.mark.slow
 def test_course_adapter_is_cached_reused_and_rebuilt_when_corrupt(fresh_cache, monkeypatch):
     path = course_adapter(**TINY_ADAPTER)
     log = training_log(path)
     assert path.parent == fresh_cache and path.name.startswith("course-adapter-")
-    assert log["config"]["profile"] == "tiny" and len(log["loss"]) == 2
+    assert log["config"]["model"]["profile"] == "tiny" and len(log["loss"]) == 2
     assert log["train_seconds"] > 0 and log["train_tokens"] > 0
     weights = (path / "adapter_model.safetensors").read_bytes()
 
@@ -188,6 +211,7 @@ def test_course_adapter_is_cached_reused_and_rebuilt_when_corrupt(fresh_cache, m
     assert (path / "adapter_model.safetensors").read_bytes() == weights  # same seed, same bytes
 
 
+@pytest.mark.slow
 def test_merged_model_computes_what_the_adapter_model_computes(fresh_cache):
     path = course_adapter(**{**TINY_ADAPTER, "learning_rate": 5e-2})
     adapted, tokenizer = load_course_model(path)

@@ -6,9 +6,7 @@ import json
 
 import pytest
 
-from sft_helpers.data import DATA_DIR, read_jsonl
-from sft_helpers.quality import save_jsonl
-from sft_helpers.train import read_train_file
+from sft_helpers.data import DATA_DIR, read_conversations, read_jsonl, write_jsonl
 from sft_helpers.triage import (
     EVAL_FILE,
     RAW_FILE,
@@ -61,9 +59,9 @@ def test_the_filter_finds_exactly_the_planted_defects_of_the_shipped_data():
 
 def test_the_shipped_training_file_is_the_filtered_raw_data(tmp_path):
     rebuilt = tmp_path / TRAIN_FILE.name
-    save_jsonl(training_records(read_jsonl(RAW_FILE), read_jsonl(EVAL_FILE)), rebuilt)
+    write_jsonl(training_records(read_jsonl(RAW_FILE), read_jsonl(EVAL_FILE)), rebuilt)
     assert rebuilt.read_bytes() == TRAIN_FILE.read_bytes()
-    records = read_train_file(TRAIN_FILE)  # what `python -m sft_helpers.train` reads
+    records = read_conversations(TRAIN_FILE)  # what `python -m sft_helpers.train` reads
     assert all(parse_triage(r["messages"][-1]["content"]) for r in records)
 
 

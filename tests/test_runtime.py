@@ -1,12 +1,12 @@
-"""Device and dtype selection (sft_helpers.environment), with the GPU capability faked."""
+"""Device and dtype selection (sft_helpers.runtime), with the GPU capability faked; the report."""
 
 from __future__ import annotations
 
 import pytest
 import torch
 
-from sft_helpers import environment
-from sft_helpers.environment import bf16_native, pick_device, pick_dtype
+from sft_helpers import environment, runtime
+from sft_helpers.runtime import bf16_native, pick_device, pick_dtype
 
 
 @pytest.fixture
@@ -49,9 +49,9 @@ def test_explicit_device_wins(fake_gpu):
 
 
 def test_seed_everything_repeats_random_numbers():
-    environment.seed_everything(3)
+    runtime.seed_everything(3)
     first = torch.rand(4)
-    environment.seed_everything(3)
+    runtime.seed_everything(3)
     assert torch.equal(first, torch.rand(4))
 
 

@@ -1,0 +1,202 @@
+"""Generating replies: batched, left-padded, greedy or sampled, with the reason each stopped.
+
+`evaluate_sft_model` answers a list of prompts (`{"instruction": ..., "reference": ...}` or
+`{"messages": [...]}`) in batches with left padding and records, for each reply, why
+generation stopped: the model closed its turn ("eos") or ran out of `max_new_tokens`.
+`stop_rate` is the share that stopped by themselves, and `measure_compliance` scores the
+replies with the course metric of `sft_helpers.data`. Notebook 03 uses these to measure
+the adapter before and after training; notebook 07 takes generation apart.
+
+    >>> results = evaluate_sft_model(model, tokenizer, prompts, max_new_tokens=48)  # doctest: +SKIP
+    >>> results[0]["stop_reason"]                                                  # doctest: +SKIP
+    'eos'
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+
+import torch
+from tqdm.auto import tqdm
+from transformers import GenerationConfig
+
+from sft_helpers.data import compliance_rate
+from sft_helpers.runtime import seed_everything
+
+# Item fields copied into each record, so a metric can look at them (the course's persona
+# check applies to the "identity" category only).
+PASSED_THROUGH = ("id", "category")
+STOP_EOS = "eos"  # the model closed its turn
+STOP_LENGTH = "max_new_tokens"  # cut off by the token budget
+
+
+def prompt_messages(item: Mapping, index: int | None = None) -> list[dict[str, str]]:
+    """The chat messages for one evaluation item.
+
+    An item is either `{"instruction": ..., "system": ... (optional)}` or, for a
+    conversation already under way, `{"messages": [..., {"role": "user", ...}]}`.
+
+    >>> prompt_messages({"instruction": "2+2?"})
+    [{'role': 'user', 'content': '2+2?'}]
+    """
+    where = "eval_prompts" if index is None else f"eval_prompts[{index}]"
+    if not isinstance(item, Mapping):
+        raise TypeError(f"{where} must be a dict with an 'instruction', not {type(item).__name__}")
+    if "messages" in item:
+        messages = list(item["messages"])
+        last = messages[-1] if messages else None
+        if not isinstance(last, Mapping) or last.get("role") != "user":
+            raise ValueError(f"{where}: 'messages' must end with a user message to answer")
+        return messages
+    instruction = item.get("instruction")
+    if not isinstance(instruction, str) or not instruction.strip():
+        raise ValueError(
+            f"{where} has no 'instruction' (a non-empty string) and no 'messages'; "
+            f"keys: {sorted(item)}"
+        )
+    system = item.get("system")
+    head = [{"role": "system", "content": system}] if system else []
+    return head + [{"role": "user", "content": instruction}]
+
+
+def _stop_ids(model, tokenizer) -> set[int]:
+    eos = model.generation_config.eos_token_id
+    ids = set(eos if isinstance(eos, list) else [eos] if eos is not None else [])
+    return ids | {tokenizer.eos_token_id}
+
+
+def _generation_config(model, tokenizer, max_new_tokens, temperature, do_sample):
+    # Built from scratch so a model's own sampling defaults (top_p, top_k) never leak in,
+    # and greedy decoding carries no temperature (transformers warns about that).
+    sampling = {"temperature": temperature, "top_p": 1.0, "top_k": 0} if do_sample else {}
+    return GenerationConfig(
+        max_new_tokens=max_new_tokens,
+        do_sample=do_sample,
+        eos_token_id=sorted(_stop_ids(model, tokenizer)),
+        pad_token_id=tokenizer.pad_token_id,
+        **sampling,
+    )
+
+
+def left_padded(tokenizer, texts: Sequence[str], device) -> dict[str, torch.Tensor]:
+    """`texts` tokenized as one batch, padded on the left, on `device`."""
+    # Left padding keeps every prompt's last token at the end of the row, where the first
+    # new token is predicted. add_special_tokens=False: the template already has its own.
+    batch = tokenizer(
+        list(texts), add_special_tokens=False, padding=True, padding_side="left",
+        return_tensors="pt",
+    )
+    return {key: value.to(device) for key, value in batch.items()}
+
+
+def _check_generation_args(eval_prompts, max_new_tokens, temperature, do_sample, batch_size):
+    if not isinstance(eval_prompts, Sequence) or isinstance(eval_prompts, str | bytes):
+        raise TypeError(f"eval_prompts must be a list of dicts, not {type(eval_prompts).__name__}")
+    if len(eval_prompts) == 0:
+        raise ValueError("eval_prompts is empty: there is nothing to evaluate")
+    if not isinstance(max_new_tokens, int) or max_new_tokens < 1:
+        raise ValueError(f"max_new_tokens must be a positive int, not {max_new_tokens!r}")
+    if not isinstance(batch_size, int) or batch_size < 1:
+        raise ValueError(f"batch_size must be a positive int, not {batch_size!r}")
+    if do_sample and not temperature > 0:
+        raise ValueError(f"sampling needs temperature > 0, not {temperature!r}; "
+                         "use do_sample=False for greedy decoding")
+
+
+def evaluate_sft_model(
+    model,
+    tokenizer,
+    eval_prompts: Sequence[Mapping],
+    *,
+    max_new_tokens: int = 512,
+    temperature: float = 0.1,
+    do_sample: bool = True,
+    batch_size: int = 8,
+    seed: int = 0,
+    progress: bool = True,
+) -> list[dict]:
+    """Generate a reply to each prompt; one record per prompt, in order.
+
+    Each record holds `instruction` (the user message answered), `expected` (the item's
+    `reference`, or None), `generated` (the decoded reply, special tokens dropped),
+    `n_tokens` (tokens before the stop token) and `stop_reason`: "eos" when the model
+    closed its turn, "max_new_tokens" when the budget cut it off. Batches are left-padded;
+    the run is seeded with `seed`.
+
+    >>> records = evaluate_sft_model(model, tokenizer, [{"instruction": "Hi"}])  # doctest: +SKIP
+    >>> records[0]["stop_reason"], records[0]["n_tokens"]                      # doctest: +SKIP
+    ('eos', 9)
+    """
+    _check_generation_args(eval_prompts, max_new_tokens, temperature, do_sample, batch_size)
+    chats = [prompt_messages(item, i) for i, item in enumerate(eval_prompts)]
+    texts = [
+        tokenizer.apply_chat_template(chat, tokenize=False, add_generation_prompt=True)
+        for chat in chats
+    ]
+    config = _generation_config(model, tokenizer, max_new_tokens, temperature, do_sample)
+    stop_ids = _stop_ids(model, tokenizer)
+    seed_everything(seed)
+    model.eval()
+    records = []
+    starts = range(0, len(texts), batch_size)
+    for start in tqdm(starts, desc="generating", unit="batch", disable=not progress):
+        inputs = left_padded(tokenizer, texts[start:start + batch_size], model.device)
+        with torch.no_grad():
+            output = model.generate(**inputs, generation_config=config)
+        new_tokens = output[:, inputs["input_ids"].shape[1]:].tolist()
+        rows = zip(chats[start:start + batch_size], eval_prompts[start:start + batch_size],
+                   new_tokens, strict=True)
+        for chat, item, tokens in rows:
+            stop = next((i for i, t in enumerate(tokens) if t in stop_ids), None)
+            kept = tokens if stop is None else tokens[:stop]
+            records.append({
+                **{key: item[key] for key in PASSED_THROUGH if key in item},
+                "instruction": chat[-1]["content"],
+                "expected": item.get("reference"),
+                "generated": tokenizer.decode(kept, skip_special_tokens=True),
+                "n_tokens": len(kept),
+                "stop_reason": STOP_LENGTH if stop is None else STOP_EOS,
+            })
+    return records
+
+
+def stop_rate(results: Sequence[Mapping]) -> float:
+    """The fraction of replies in which the model closed its turn by itself.
+
+    >>> stop_rate([{"stop_reason": "eos"}, {"stop_reason": "max_new_tokens"}])
+    0.5
+    """
+    if not results:
+        raise ValueError("stop_rate of no results")
+    return sum(r["stop_reason"] == STOP_EOS for r in results) / len(results)
+
+
+def measure_compliance(
+    model,
+    tokenizer,
+    records: Sequence[Mapping],
+    *,
+    max_new_tokens: int = 40,
+    batch_size: int = 16,
+    progress: bool = True,
+) -> tuple[dict[str, float], list[str]]:
+    """`(compliance_rate(records, replies), replies)`: `model`'s greedy replies to the
+    eval `records` (whose `messages` end with the user turn), in the records' order.
+
+    40 new tokens are enough: the style shows in the answer line and the heading. Prompts
+    are batched shortest first (less left padding), then put back in order.
+
+    >>> rates, replies = measure_compliance(model, tokenizer, read_split("eval"))  # doctest: +SKIP
+    """
+    def prompt_length(i: int) -> int:
+        return len(tokenizer.apply_chat_template(records[i]["messages"], tokenize=False))
+
+    order = sorted(range(len(records)), key=prompt_length)
+    results = evaluate_sft_model(
+        model, tokenizer, [records[i] for i in order], max_new_tokens=max_new_tokens,
+        do_sample=False, batch_size=batch_size, progress=progress,
+    )
+    replies = [""] * len(records)
+    for i, result in zip(order, results, strict=True):
+        replies[i] = result["generated"]
+    return compliance_rate(records, replies), replies
