@@ -12,7 +12,7 @@ STAMP := $(VENV)/.installed
 # Jupyter refuses to start as root (containers, CI) unless told it is intended.
 ROOT_FLAG := $(if $(filter 0,$(shell id -u)),--allow-root)
 
-.PHONY: lab test check install warm lint execute
+.PHONY: lab test check install warm lint execute times
 
 $(STAMP): pyproject.toml sft_helpers/install.py
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -43,3 +43,11 @@ check: warm lint
 NB ?= notebooks/*.ipynb
 execute: warm
 	HF_HUB_OFFLINE=1 $(VENV)/bin/jupyter nbconvert --to notebook --execute --inplace $(NB)
+
+# Execute every notebook from a clean kernel, then write the minutes each took (recorded in
+# its cells' metadata) into its badge and the README (maintainers): make times
+times: warm
+	for nb in notebooks/*.ipynb; do \
+		HF_HUB_OFFLINE=1 $(VENV)/bin/jupyter nbconvert --to notebook --execute --inplace $$nb || exit 1; \
+	done
+	$(PY) -m sft_helpers.course times

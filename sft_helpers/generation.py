@@ -28,6 +28,11 @@ from sft_helpers.runtime import seed_everything
 PASSED_THROUGH = ("id", "category")
 STOP_EOS = "eos"  # the model closed its turn
 STOP_LENGTH = "max_new_tokens"  # cut off by the token budget
+# Prompts per `generate` call. A CPU decoding step reads every weight once whatever the
+# batch: on the reference CPU a step of 64 rows takes about twice as long as one of 8, for
+# 8 times the tokens (bench/generation.py). The KV cache of 64 rows of 600 tokens of the
+# default model is about 1.8 GB.
+BATCH_SIZE = 64
 
 
 def prompt_messages(item: Mapping, index: int | None = None) -> list[dict[str, str]]:
@@ -111,17 +116,23 @@ def evaluate_sft_model(
     max_new_tokens: int = 512,
     temperature: float = 0.1,
     do_sample: bool = True,
-    batch_size: int = 8,
+    batch_size: int = BATCH_SIZE,
     seed: int = 0,
     progress: bool = True,
 ) -> list[dict]:
-    """Generate a reply to each prompt; one record per prompt, in order.
+    """Generate a reply to each prompt; one record per prompt, in the prompts' order.
 
     Each record holds `instruction` (the user message answered), `expected` (the item's
     `reference`, or None), `generated` (the decoded reply, special tokens dropped),
     `n_tokens` (tokens before the stop token) and `stop_reason`: "eos" when the model
-    closed its turn, "max_new_tokens" when the budget cut it off. Batches are left-padded;
-    the run is seeded with `seed`.
+    closed its turn, "max_new_tokens" when the budget cut it off. The run is seeded with
+    `seed`.
+
+    Prompts are batched by length (longest first, so each batch holds prompts of about one
+    length and little left padding) and `batch_size` at a time: on a CPU a decoding step
+    costs about twice as much for 64 rows as for 8 (it is bound by reading the weights), so big
+    batches are the cheap way to fast evaluation (`bench/generation.py` measures it).
+    Greedy replies do not depend on the batching.
 
     >>> records = evaluate_sft_model(model, tokenizer, [{"instruction": "Hi"}])  # doctest: +SKIP
     >>> records[0]["stop_reason"], records[0]["n_tokens"]                      # doctest: +SKIP
@@ -133,30 +144,31 @@ def evaluate_sft_model(
         tokenizer.apply_chat_template(chat, tokenize=False, add_generation_prompt=True)
         for chat in chats
     ]
+    lengths = [len(ids) for ids in tokenizer(texts, add_special_tokens=False)["input_ids"]]
+    order = sorted(range(len(texts)), key=lambda i: -lengths[i])
     config = _generation_config(model, tokenizer, max_new_tokens, temperature, do_sample)
     stop_ids = _stop_ids(model, tokenizer)
     seed_everything(seed)
     model.eval()
-    records = []
-    starts = range(0, len(texts), batch_size)
-    for start in tqdm(starts, desc="generating", unit="batch", disable=not progress):
-        inputs = left_padded(tokenizer, texts[start:start + batch_size], model.device)
+    records: list[dict] = [{} for _ in texts]
+    batches = [order[start:start + batch_size] for start in range(0, len(order), batch_size)]
+    for batch in tqdm(batches, desc="generating", unit="batch", disable=not progress):
+        inputs = left_padded(tokenizer, [texts[i] for i in batch], model.device)
         with torch.no_grad():
             output = model.generate(**inputs, generation_config=config)
         new_tokens = output[:, inputs["input_ids"].shape[1]:].tolist()
-        rows = zip(chats[start:start + batch_size], eval_prompts[start:start + batch_size],
-                   new_tokens, strict=True)
-        for chat, item, tokens in rows:
-            stop = next((i for i, t in enumerate(tokens) if t in stop_ids), None)
+        for i, tokens in zip(batch, new_tokens, strict=True):
+            stop = next((k for k, t in enumerate(tokens) if t in stop_ids), None)
             kept = tokens if stop is None else tokens[:stop]
-            records.append({
+            item = eval_prompts[i]
+            records[i] = {
                 **{key: item[key] for key in PASSED_THROUGH if key in item},
-                "instruction": chat[-1]["content"],
+                "instruction": chats[i][-1]["content"],
                 "expected": item.get("reference"),
                 "generated": tokenizer.decode(kept, skip_special_tokens=True),
                 "n_tokens": len(kept),
                 "stop_reason": STOP_LENGTH if stop is None else STOP_EOS,
-            })
+            }
     return records
 
 
@@ -177,26 +189,19 @@ def measure_compliance(
     records: Sequence[Mapping],
     *,
     max_new_tokens: int = 40,
-    batch_size: int = 16,
+    batch_size: int = BATCH_SIZE,
     progress: bool = True,
 ) -> tuple[dict[str, float], list[str]]:
     """`(compliance_rate(records, replies), replies)`: `model`'s greedy replies to the
     eval `records` (whose `messages` end with the user turn), in the records' order.
 
-    40 new tokens are enough: the style shows in the answer line and the heading. Prompts
-    are batched shortest first (less left padding), then put back in order.
+    40 new tokens are enough: the style shows in the answer line and the heading.
 
     >>> rates, replies = measure_compliance(model, tokenizer, read_split("eval"))  # doctest: +SKIP
     """
-    def prompt_length(i: int) -> int:
-        return len(tokenizer.apply_chat_template(records[i]["messages"], tokenize=False))
-
-    order = sorted(range(len(records)), key=prompt_length)
     results = evaluate_sft_model(
-        model, tokenizer, [records[i] for i in order], max_new_tokens=max_new_tokens,
-        do_sample=False, batch_size=batch_size, progress=progress,
+        model, tokenizer, records, max_new_tokens=max_new_tokens, do_sample=False,
+        batch_size=batch_size, progress=progress,
     )
-    replies = [""] * len(records)
-    for i, result in zip(order, results, strict=True):
-        replies[i] = result["generated"]
+    replies = [result["generated"] for result in results]
     return compliance_rate(records, replies), replies

@@ -1,7 +1,9 @@
-"""Student copies: solutions become stubs that stop the notebook at the first exercise."""
+"""Student copies: solutions become stubs that stop the notebook at the first exercise; the
+minutes the README and the badges state are the ones the committed notebooks recorded."""
 
 from __future__ import annotations
 
+import shutil
 from pathlib import Path
 
 import nbformat
@@ -9,6 +11,7 @@ import pytest
 from nbclient import NotebookClient
 from nbclient.exceptions import CellExecutionError
 
+from sft_helpers import course
 from sft_helpers.course import NOTEBOOKS, exercise_name, main, student_notebook, student_stub
 
 ALL = sorted(NOTEBOOKS.glob("*.ipynb"))
@@ -81,3 +84,54 @@ def test_solution_without_an_exercise_heading_is_an_error(tmp_path):
     with pytest.raises(ValueError, match="09_broken.ipynb: solution cell 1"):
         student_notebook(path)
 
+
+
+# --- measured minutes ----------------------------------------------------------------------
+
+
+def test_the_readme_states_the_minutes_the_committed_notebooks_recorded():
+    recorded = course.notebook_minutes()
+    assert set(recorded) == {p.name[:2] for p in ALL}
+    assert course.readme_minutes() == {n: round(m, 1) for n, m in recorded.items()}
+    text = course.README.read_text(encoding="utf-8")
+    assert course.minutes_paragraph(recorded) in text
+
+
+@pytest.mark.parametrize("path", ALL, ids=lambda p: p.stem)
+def test_each_badge_gives_the_measured_cpu_minutes_and_no_unmeasured_gpu_time(path):
+    notebook = nbformat.read(path, as_version=4)
+    badges = course.BADGES.search(notebook.cells[0].source).group(0)
+    assert badges == course.runtime_badges(course.recorded_minutes(notebook))
+
+
+def test_write_times_rewrites_badges_and_readme(tmp_path):
+    folder = tmp_path / "notebooks"
+    folder.mkdir()
+    shutil.copy(ALL[0], folder / ALL[0].name)
+    readme = tmp_path / "README.md"
+    row = "| 00 | [Setup](x) | learn | 9.9 | [colab](y) |"
+    readme.write_text(f"{row}\n<!-- minutes -->\nold\n<!-- /minutes -->\n", encoding="utf-8")
+    title = nbformat.read(folder / ALL[0].name, as_version=4)
+    title.cells[0].source = title.cells[0].source.replace(
+        course.BADGES.search(title.cells[0].source).group(0),
+        "![CPU: 9 min](https://img.shields.io/badge/CPU-9%20min-blue)")
+    nbformat.write(title, folder / ALL[0].name)
+    minutes = course.write_times(readme, folder)
+    assert course.readme_minutes(readme) == {"00": round(minutes["00"], 1)}
+    assert "old" not in readme.read_text(encoding="utf-8")
+    rewritten = nbformat.read(folder / ALL[0].name, as_version=4).cells[0].source
+    assert course.runtime_badges(minutes["00"]) in rewritten
+
+
+def test_a_notebook_without_recorded_times_is_refused():
+    notebook = nbformat.v4.new_notebook(cells=[nbformat.v4.new_code_cell("1")])
+    with pytest.raises(ValueError, match="no recorded execution time"):
+        course.recorded_minutes(notebook)
+
+
+@pytest.mark.parametrize("path", ALL, ids=lambda p: p.stem)
+def test_no_frozen_progress_bar_in_the_committed_outputs(path):
+    notebook = nbformat.read(path, as_version=4)
+    frozen = [i for i, cell in enumerate(notebook.cells) if cell.cell_type == "code"
+              and any(course.is_progress_bar(o) for o in cell.outputs)]
+    assert not frozen, f"{path.name}: cells {frozen} show a progress bar's first state"
