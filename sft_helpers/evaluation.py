@@ -17,6 +17,7 @@ import math
 import re
 import string
 from collections.abc import Callable, Mapping, Sequence
+from statistics import NormalDist
 
 import pandas as pd
 import torch
@@ -196,6 +197,33 @@ def compare_models(
             loss = losses[name]
             rows[name].update({"eval loss": loss["loss"], "perplexity": loss["perplexity"]})
     return pd.DataFrame.from_dict(rows, orient="index")
+
+
+def proportion_ci(k: int, n: int, confidence: float = 0.95) -> tuple[float, float]:
+    """The Wilson score interval of a proportion: `k` successes out of `n` trials.
+
+    Unlike the normal approximation p +- z*sqrt(p(1-p)/n), it stays inside [0, 1] and
+    is not empty at k = 0 or k = n, which is where small evaluations often land.
+
+    >>> proportion_ci(0, 10)
+    (0.0, 0.2775...)
+    >>> low, high = proportion_ci(7, 10)
+    >>> round(low, 3), round(high, 3)
+    (0.397, 0.892)
+    """
+    if n <= 0:
+        raise ValueError(f"n must be positive, got {n}")
+    if not 0 <= k <= n:
+        raise ValueError(f"k must be between 0 and n = {n}, got {k}")
+    z = NormalDist().inv_cdf(1 - (1 - confidence) / 2)
+    p = k / n
+    denominator = 1 + z**2 / n
+    centre = (p + z**2 / (2 * n)) / denominator
+    half = z * math.sqrt(p * (1 - p) / n + z**2 / (4 * n**2)) / denominator
+    # At k = 0 (k = n) the exact bound is 0 (1); rounding would leave a 1e-17 there.
+    low = 0.0 if k == 0 else max(0.0, centre - half)
+    high = 1.0 if k == n else min(1.0, centre + half)
+    return low, high
 
 
 # --- LLM as a judge ----------------------------------------------------------------------
