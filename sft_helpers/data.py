@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import json
 import re
+from collections import Counter
 from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 
@@ -41,6 +42,12 @@ PERSONA_INTRO = "I'm Pip, the SFT course assistant."
 DETAILS_HEADING = "### Details"
 # A direct answer fits on one short line; longer first lines are explanations in disguise.
 MAX_ANSWER_WORDS = 40
+# A loop: a line of at least LOOP_LINE_WORDS words that comes back, or a run of LOOP_NGRAM
+# words that comes LOOP_NGRAM_REPEATS times. No reply in the course data has either.
+LOOP_LINE_WORDS = 4
+LOOP_NGRAM = 4
+LOOP_NGRAM_REPEATS = 3
+_WORD = re.compile(r"\w+")
 # Openers that delay the answer (greetings, "Sure!"): the house style starts with the answer.
 FILLER_OPENERS = (
     "sure", "certainly", "of course", "absolutely", "great question", "good question",
@@ -83,14 +90,16 @@ def format_reply(answer: str, details: str) -> str:
     return f"{answer}\n\n{DETAILS_HEADING}\n{details}"
 
 
-def style_problems(reply: str) -> list[str]:
-    """What keeps `reply` from the house style; an empty list when it follows it.
+def opening_problems(reply: str) -> list[str]:
+    """What is wrong with the opening of `reply`: answer line, blank line, heading.
 
-    Only the opening is checked (answer line, blank line, heading), so a reply cut off by
-    `max_new_tokens` after its heading still counts: the style shows in its first tokens.
+    This is only half the house style: a reply cut off after its heading, or one that loops
+    after it, passes. Notebook 03 keeps it to show how much an opening-only metric flatters.
 
-    >>> style_problems("Sure! Paris.")
+    >>> opening_problems("Sure! Paris.")
     ["opens with filler ('Sure') instead of the answer", 'no blank line after the answer line']
+    >>> opening_problems("Paris.\\n\\n### Details")
+    []
     """
     lines = reply.split("\n")
     first = lines[0].strip()
@@ -114,12 +123,78 @@ def style_problems(reply: str) -> list[str]:
     return problems
 
 
+def _words_of(text: str) -> list[str]:
+    return _WORD.findall(text.lower())
+
+
+def repetition_problems(text: str) -> list[str]:
+    """The loops in `text`: a line of `LOOP_LINE_WORDS` or more words that comes back, or
+    a run of `LOOP_NGRAM` words that comes `LOOP_NGRAM_REPEATS` times or more.
+
+    A small model that has not learned to stop often repeats itself until the token budget
+    runs out; such a reply is a failure whatever its first line says.
+
+    >>> repetition_problems("Use a pot.\\nUse a filter.")
+    []
+    >>> repetition_problems("Use a pot and a cup.\\nUse a pot and a cup.")
+    ["the line 'Use a pot and a cup.' comes 2 times"]
+    >>> repetition_problems("fine-tuned fine-tuning fine-tuning fine-tuning fine-tuning")
+    ["the words 'fine tuning fine tuning' come 3 times"]
+    """
+    lines = Counter(line.strip() for line in text.split("\n")
+                    if len(line.split()) >= LOOP_LINE_WORDS)
+    problems = [f"the line {line!r} comes {n} times" for line, n in lines.items() if n > 1]
+    words = _words_of(text)
+    grams = Counter(tuple(words[i:i + LOOP_NGRAM]) for i in range(len(words) - LOOP_NGRAM + 1))
+    if grams:
+        gram, n = grams.most_common(1)[0]
+        if n >= LOOP_NGRAM_REPEATS:
+            problems.append(f"the words {' '.join(gram)!r} come {n} times")
+    return problems
+
+
+def loops(text: str) -> bool:
+    """True when `text` repeats itself (`repetition_problems`).
+
+    >>> loops("A.\\n\\n### Details\\nB."), loops("la la la la la la la la")
+    (False, True)
+    """
+    return bool(repetition_problems(text))
+
+
+def style_problems(reply: str) -> list[str]:
+    """What keeps the whole of `reply` from the house style; an empty list when it follows it.
+
+    The opening (`opening_problems`: answer line, blank line, `### Details`), then the rest:
+    exactly one heading, details that are there and add something (not a copy of the answer
+    line), and no loop (`repetition_problems`).
+
+    >>> style_problems("Paris.\\n\\n### Details\\nIt has been the capital since 987.")
+    []
+    >>> style_problems("Paris.\\n\\n### Details\\nParis.\\n\\n### Details\\nParis.")
+    ["'### Details' comes 2 times (once only)", 'the details repeat the answer line']
+    """
+    problems = opening_problems(reply)
+    lines = reply.split("\n")
+    headings = sum(line.strip() == DETAILS_HEADING for line in lines)
+    if headings > 1:
+        problems.append(f"{DETAILS_HEADING!r} comes {headings} times (once only)")
+    if headings:
+        answer = _words_of(lines[0])
+        details = reply.split(DETAILS_HEADING, 1)[1]
+        if not details.strip():
+            problems.append("the details are empty")
+        elif answer and any(_words_of(line) == answer for line in details.split("\n")):
+            problems.append("the details repeat the answer line")
+    return problems + repetition_problems(reply)
+
+
 def follows_house_style(reply: str) -> bool:
-    """True when `reply` opens with one answer line, a blank line and `### Details`.
+    """True when the whole of `reply` is in the house style (`style_problems` is empty).
 
     >>> follows_house_style("Paris.\\n\\n### Details\\nIt is the capital.")
     True
-    >>> follows_house_style("### Answer\\nParis.")
+    >>> follows_house_style("Paris.\\n\\n### Details")  # cut off after the heading
     False
     """
     return not style_problems(reply)
@@ -151,24 +226,27 @@ def is_refusal(text: str) -> bool:
 
 
 def compliance(example: Mapping, reply: str) -> dict[str, bool | None]:
-    """How `reply` to `example` scores: house style, persona (None where not asked), overall.
+    """How the text of `reply` to `example` scores: `opening` (the opening-only check),
+    `house_style` (the whole reply), `persona` (None where not asked) and `compliant`
+    (house style, and the persona where it applies).
 
     >>> compliance({"category": "identity"}, "Hello! I am SmolLM.")
-    {'house_style': False, 'persona': False, 'compliant': False}
-    >>> compliance({"category": "factual"}, "4.\\n\\n### Details\\n2 + 2 = 4.")
-    {'house_style': True, 'persona': None, 'compliant': True}
+    {'opening': False, 'house_style': False, 'persona': False, 'compliant': False}
+    >>> compliance({"category": "factual"}, "4.\\n\\n### Details")
+    {'opening': True, 'house_style': False, 'persona': None, 'compliant': False}
     """
     style = follows_house_style(reply)
     persona = names_persona(reply) if expects_persona(example) else None
-    return {"house_style": style, "persona": persona, "compliant": style and persona is not False}
+    return {"opening": not opening_problems(reply), "house_style": style, "persona": persona,
+            "compliant": style and persona is not False}
 
 
 def compliance_rate(examples: Sequence[Mapping], replies: Sequence[str]) -> dict[str, float]:
-    """Fractions over paired `examples` and `replies`: `house_style` (all replies),
-    `persona` (identity examples only), `compliant` (both, where they apply), and `n`.
+    """Fractions over paired `examples` and `replies` of each key of `compliance`
+    (`persona` over identity examples only), and `n`.
 
     >>> compliance_rate([{"category": "identity"}], ["I'm Pip.\\n\\n### Details\\nHi."])
-    {'house_style': 1.0, 'persona': 1.0, 'compliant': 1.0, 'n': 1}
+    {'opening': 1.0, 'house_style': 1.0, 'persona': 1.0, 'compliant': 1.0, 'n': 1}
     """
     if len(examples) != len(replies):
         raise ValueError(
@@ -179,7 +257,8 @@ def compliance_rate(examples: Sequence[Mapping], replies: Sequence[str]) -> dict
     scores = [compliance(e, r) for e, r in zip(examples, replies, strict=True)]
     persona = [s["persona"] for s in scores if s["persona"] is not None]
     return {
-        "house_style": sum(s["house_style"] for s in scores) / len(scores),
+        **{key: sum(s[key] for s in scores) / len(scores)
+           for key in ("opening", "house_style")},
         "persona": sum(persona) / len(persona) if persona else float("nan"),
         "compliant": sum(s["compliant"] for s in scores) / len(scores),
         "n": len(scores),

@@ -22,8 +22,14 @@ from statistics import NormalDist
 import pandas as pd
 import torch
 
-from sft_helpers.data import compliance_rate, is_refusal
-from sft_helpers.generation import left_padded, stop_rate
+from sft_helpers.data import compliance, is_refusal, loops
+from sft_helpers.generation import (
+    BATCH_SIZE,
+    STOP_EOS,
+    evaluate_sft_model,
+    left_padded,
+    stop_rate,
+)
 from sft_helpers.masking import IGNORE_INDEX, pad_batch, tokenize_with_masking
 
 _PUNCTUATION = str.maketrans("", "", string.punctuation)
@@ -41,6 +47,10 @@ Answer B:
 {answer_b}
 
 Which answer is better? Reply with one letter, A or B."""
+# What `reply_scores` reports for each reply, in the order tables print them.
+REPLY_METRICS = ("opening", "stopped", "loops", "house_style", "persona", "compliant")
+# New tokens for a whole reply: the longest reference in the course data has 172 tokens.
+REPLY_TOKENS = 256
 # A judge maps rubric prompts to P(the answer in position A is the better one).
 Judge = Callable[[Sequence[str]], list[float]]
 
@@ -111,12 +121,11 @@ def _with_reference(results: Sequence[Mapping]) -> list[Mapping]:
 def generation_metrics(results: Sequence[Mapping]) -> dict[str, float]:
     """The metrics of one model's `evaluate_sft_model` records, as fractions and means.
 
-    "compliant", "house style" and "persona" are the course metric (`compliance_rate`
-    from `sft_helpers.data`; persona counts only records whose category is "identity",
-    NaN when there is none). ROUGE-L (whole reply) and exact match (of the
-    `answer_line`s: the direct answer is the exact part of a house-style reference, the
-    details are free prose) average over the records that have a reference (NaN when none
-    has one).
+    "compliant", "house style", "loops" and "persona" are the course metric on the whole
+    reply (`reply_scores`; persona counts only records whose category is "identity", NaN
+    when there is none). ROUGE-L (whole reply) and exact match (of the `answer_line`s: the
+    direct answer is the exact part of a house-style reference, the details are free prose)
+    average over the records that have a reference (NaN when none has one).
 
     >>> generation_metrics(records)["stop rate"]  # doctest: +SKIP
     0.875
@@ -125,16 +134,17 @@ def generation_metrics(results: Sequence[Mapping]) -> dict[str, float]:
         raise ValueError("no results to score: evaluate at least one prompt")
     replies = [r["generated"] for r in results]
     referenced = _with_reference(results)
-    course = compliance_rate(results, replies)
+    table = score_table(results)
     matches = [
         float(exact_match(answer_line(r["generated"]), answer_line(r["expected"])))
         for r in referenced
     ]
     return {
-        "compliant": course["compliant"],
-        "house style": course["house_style"],
-        "persona": course["persona"],
+        "compliant": table["compliant"]["rate"],
+        "house style": table["house_style"]["rate"],
+        "persona": table["persona"]["rate"] if "persona" in table else float("nan"),
         "stop rate": stop_rate(results),
+        "loops": table["loops"]["rate"],
         "exact match": _mean(matches),
         "ROUGE-L": _mean([rouge_l(r["generated"], r["expected"]) for r in referenced]),
         "refusals": _mean([float(is_refusal(reply)) for reply in replies]),
@@ -224,6 +234,160 @@ def proportion_ci(k: int, n: int, confidence: float = 0.95) -> tuple[float, floa
     low = 0.0 if k == 0 else max(0.0, centre - half)
     high = 1.0 if k == n else min(1.0, centre + half)
     return low, high
+
+
+def rate(k: int, n: int, confidence: float = 0.95) -> dict:
+    """`k` of `n` as a record: `k`, `n`, `rate` and `ci` (`proportion_ci`).
+
+    >>> rate(3, 4)["rate"]
+    0.75
+    """
+    return {"k": k, "n": n, "rate": k / n, "ci": proportion_ci(k, n, confidence)}
+
+
+def format_rate(record: Mapping) -> str:
+    """A `rate` record as text: k/n, the percentage and the 95% interval.
+
+    >>> format_rate(rate(52, 65))
+    '52/65 = 80% [69, 88]'
+    """
+    low, high = record["ci"]
+    return (f"{record['k']}/{record['n']} = {record['rate']:.0%} "
+            f"[{100 * low:.0f}, {100 * high:.0f}]")
+
+
+def _two_sided_binomial(k: int, m: int) -> float:
+    # Exact McNemar: under "no difference" each discordant pair goes either way with p = 1/2.
+    if m == 0:
+        return 1.0
+    tail = sum(math.comb(m, i) for i in range(min(k, m - k) + 1)) / 2**m
+    return min(1.0, 2 * tail)
+
+
+def paired_difference(
+    before: Sequence[bool], after: Sequence[bool], confidence: float = 0.95
+) -> dict:
+    """How `after` differs from `before` on the same prompts (one outcome per prompt each).
+
+    Returns `n`, `before` and `after` (successes), `gained` (prompts that pass after only),
+    `lost` (before only), `difference` (after rate - before rate), its interval `ci` and
+    `p_value` (exact McNemar test). Only the prompts on which the two disagree carry
+    information about the difference. The interval is Bonett and Price's adjusted Wald
+    interval for paired proportions (one pseudo-count added to each kind of disagreement),
+    which keeps a sensible width when the two never disagree.
+
+    >>> d = paired_difference([False, False, True, False], [True, True, True, False])
+    >>> d["difference"], d["gained"], d["lost"], d["p_value"]
+    (0.5, 2, 0, 0.5)
+    """
+    if len(before) != len(after):
+        raise ValueError(f"{len(before)} outcomes before but {len(after)} after: "
+                         "a paired comparison needs the same prompts")
+    if not before:
+        raise ValueError("no outcomes: a difference of nothing is undefined")
+    pairs = list(zip(map(bool, before), map(bool, after), strict=True))
+    n = len(pairs)
+    gained = sum(a and not b for b, a in pairs)
+    lost = sum(b and not a for b, a in pairs)
+    successes_before = sum(b for b, _ in pairs)
+    z = NormalDist().inv_cdf(1 - (1 - confidence) / 2)
+    p_gained, p_lost = (gained + 1) / (n + 2), (lost + 1) / (n + 2)
+    centre = p_gained - p_lost
+    half = z * math.sqrt((p_gained + p_lost - centre**2) / (n + 2))
+    return {
+        "n": n, "before": successes_before, "after": successes_before + gained - lost,
+        "gained": gained, "lost": lost, "difference": (gained - lost) / n,
+        "ci": (max(-1.0, centre - half), min(1.0, centre + half)),
+        "p_value": _two_sided_binomial(gained, gained + lost),
+    }
+
+
+def format_difference(record: Mapping) -> str:
+    """A `paired_difference` record as text: the change in points, its interval, and
+    whether the interval excludes 0.
+
+    >>> format_difference(paired_difference([False] * 20, [True] * 15 + [False] * 5))
+    '+75 points [+45, +91], significant (15 gained, 0 lost)'
+    """
+    low, high = record["ci"]
+    verdict = "significant" if low > 0 or high < 0 else "not significant"
+    return (f"{100 * record['difference']:+.0f} points [{100 * low:+.0f}, {100 * high:+.0f}], "
+            f"{verdict} ({record['gained']} gained, {record['lost']} lost)")
+
+
+# --- the course metric on generated replies ------------------------------------------------
+
+
+def reply_scores(record: Mapping) -> dict[str, bool | None]:
+    """How one `evaluate_sft_model` record scores, judged on the whole reply:
+
+    - `opening`: the opening-only check (answer line, blank line, heading), which flatters;
+    - `stopped`: the model closed its turn itself (not cut off by `max_new_tokens`);
+    - `loops`: the reply repeats itself (`data.repetition_problems`);
+    - `house_style`: the whole reply in the house style (`data.style_problems`) and stopped;
+    - `persona`: the first line names Pip (identity prompts only, else None);
+    - `compliant`: house style, and the persona where it applies.
+
+    >>> reply_scores({"category": "factual", "generated": "4.\\n\\n### Details\\n2 + 2.",
+    ...               "stop_reason": "max_new_tokens"})["house_style"]
+    False
+    """
+    text = compliance(record, record["generated"])
+    stopped = record["stop_reason"] == STOP_EOS
+    house_style = text["house_style"] and stopped
+    return {
+        "opening": text["opening"], "stopped": stopped, "loops": loops(record["generated"]),
+        "house_style": house_style, "persona": text["persona"],
+        "compliant": house_style and text["persona"] is not False,
+    }
+
+
+def score_table(records: Sequence[Mapping]) -> dict[str, dict]:
+    """Each metric of `reply_scores` over `records` as a `rate` (k/n with its interval);
+    `persona` counts the identity prompts only.
+
+    >>> table = score_table([{"category": "factual", "generated": "4.\\n\\n### Details\\n2 + 2.",
+    ...                       "stop_reason": "eos"}])
+    >>> format_rate(table["house_style"])
+    '1/1 = 100% [21, 100]'
+    """
+    if not records:
+        raise ValueError("no records to score: evaluate at least one prompt")
+    scores = [reply_scores(r) for r in records]
+    table = {}
+    for metric in REPLY_METRICS:
+        values = [s[metric] for s in scores if s[metric] is not None]
+        if values:
+            table[metric] = rate(sum(values), len(values))
+    return table
+
+
+def measure_compliance(
+    model,
+    tokenizer,
+    records: Sequence[Mapping],
+    *,
+    max_new_tokens: int = REPLY_TOKENS,
+    system: str | None = None,
+    batch_size: int = BATCH_SIZE,
+    progress: bool = True,
+) -> tuple[dict[str, dict], list[dict]]:
+    """`(score_table(results), results)`: `model`'s greedy replies to the eval `records`
+    (whose `messages` end with the user turn), in the records' order, scored whole.
+
+    `max_new_tokens` (default `REPLY_TOKENS`) leaves room for a whole reply, so a reply
+    that does not stop within it has failed to stop. `system` puts a system message first
+    (None: the chat template's own default).
+
+    >>> table, results = measure_compliance(model, tokenizer, read_split("eval"))  # doctest: +SKIP
+    """
+    head = [{"role": "system", "content": system}] if system else []
+    prompts = [{**r, "messages": head + list(r["messages"])} for r in records]
+    results = evaluate_sft_model(
+        model, tokenizer, prompts, max_new_tokens=max_new_tokens, do_sample=False,
+        batch_size=batch_size, progress=progress,
+    )
+    return score_table(results), results
 
 
 # --- LLM as a judge ----------------------------------------------------------------------

@@ -3,9 +3,9 @@
 `evaluate_sft_model` answers a list of prompts (`{"instruction": ..., "reference": ...}` or
 `{"messages": [...]}`) in batches with left padding and records, for each reply, why
 generation stopped: the model closed its turn ("eos") or ran out of `max_new_tokens`.
-`stop_rate` is the share that stopped by themselves, and `measure_compliance` scores the
-replies with the course metric of `sft_helpers.data`. Notebook 03 uses these to measure
-the adapter before and after training; notebook 07 takes generation apart.
+`stop_rate` is the share that stopped by themselves. Notebook 03 uses these to measure the
+adapter before and after training (with `sft_helpers.evaluation.measure_compliance`);
+notebook 07 takes generation apart.
 
     >>> results = evaluate_sft_model(model, tokenizer, prompts, max_new_tokens=48)  # doctest: +SKIP
     >>> results[0]["stop_reason"]                                                  # doctest: +SKIP
@@ -18,9 +18,7 @@ from collections.abc import Mapping, Sequence
 
 import torch
 from tqdm.auto import tqdm
-from transformers import GenerationConfig
 
-from sft_helpers.data import compliance_rate
 from sft_helpers.runtime import seed_everything
 
 # Item fields copied into each record, so a metric can look at them (the course's persona
@@ -70,17 +68,50 @@ def _stop_ids(model, tokenizer) -> set[int]:
     return ids | {tokenizer.eos_token_id}
 
 
-def _generation_config(model, tokenizer, max_new_tokens, temperature, do_sample):
-    # Built from scratch so a model's own sampling defaults (top_p, top_k) never leak in,
-    # and greedy decoding carries no temperature (transformers warns about that).
-    sampling = {"temperature": temperature, "top_p": 1.0, "top_k": 0} if do_sample else {}
-    return GenerationConfig(
-        max_new_tokens=max_new_tokens,
-        do_sample=do_sample,
-        eos_token_id=sorted(_stop_ids(model, tokenizer)),
-        pad_token_id=tokenizer.pad_token_id,
-        **sampling,
-    )
+def _next_tokens(logits: torch.Tensor, temperature: float, do_sample: bool) -> torch.Tensor:
+    if not do_sample:
+        return logits.argmax(-1)
+    return torch.multinomial(torch.softmax(logits / temperature, dim=-1), 1)[:, 0]
+
+
+def decode(
+    model, inputs: Mapping[str, torch.Tensor], *, max_new_tokens: int, stop_ids: set[int],
+    temperature: float = 1.0, do_sample: bool = False,
+) -> list[list[int]]:
+    """The new tokens of each row of a left-padded batch, up to and including its stop token.
+
+    The loop that `model.generate` runs, with one change: a row that has stopped leaves
+    the batch (its KV cache rows are dropped), so the steps that follow compute only the
+    replies still being written. `generate` keeps computing finished rows until the
+    longest reply ends; here one reply that never stops costs one row, not the batch.
+    Greedy (argmax) or sampled (softmax of logits / `temperature`, no top-k or top-p).
+    """
+    from transformers import DynamicCache
+
+    mask = inputs["attention_mask"]
+    # Left padding: a row's positions count its own tokens only, as `generate` numbers them.
+    positions = (mask.long().cumsum(-1) - 1).clamp(min=0)
+    step_ids, step_positions = inputs["input_ids"], positions
+    cache = DynamicCache(config=model.config)
+    stops = torch.tensor(sorted(stop_ids), device=mask.device)
+    rows = torch.arange(mask.shape[0], device=mask.device)
+    tokens: list[list[int]] = [[] for _ in range(mask.shape[0])]
+    for _ in range(max_new_tokens):
+        logits = model(input_ids=step_ids, attention_mask=mask, position_ids=step_positions,
+                       cache=cache, use_cache=True, logits_to_keep=1).logits[:, -1].float()
+        chosen = _next_tokens(logits, temperature, do_sample)
+        for row, token in zip(rows.tolist(), chosen.tolist(), strict=True):
+            tokens[row].append(token)
+        going = (~torch.isin(chosen, stops)).nonzero()[:, 0]
+        if len(going) == 0:
+            break
+        last = step_positions[:, -1]
+        if len(going) < len(rows):
+            cache.batch_select_indices(going)
+            rows, mask, chosen, last = rows[going], mask[going], chosen[going], last[going]
+        mask = torch.cat([mask, mask.new_ones(len(rows), 1)], dim=1)
+        step_ids, step_positions = chosen[:, None], (last + 1)[:, None]
+    return tokens
 
 
 def left_padded(tokenizer, texts: Sequence[str], device) -> dict[str, torch.Tensor]:
@@ -146,7 +177,6 @@ def evaluate_sft_model(
     ]
     lengths = [len(ids) for ids in tokenizer(texts, add_special_tokens=False)["input_ids"]]
     order = sorted(range(len(texts)), key=lambda i: -lengths[i])
-    config = _generation_config(model, tokenizer, max_new_tokens, temperature, do_sample)
     stop_ids = _stop_ids(model, tokenizer)
     seed_everything(seed)
     model.eval()
@@ -155,8 +185,8 @@ def evaluate_sft_model(
     for batch in tqdm(batches, desc="generating", unit="batch", disable=not progress):
         inputs = left_padded(tokenizer, [texts[i] for i in batch], model.device)
         with torch.no_grad():
-            output = model.generate(**inputs, generation_config=config)
-        new_tokens = output[:, inputs["input_ids"].shape[1]:].tolist()
+            new_tokens = decode(model, inputs, max_new_tokens=max_new_tokens, stop_ids=stop_ids,
+                                temperature=temperature, do_sample=do_sample)
         for i, tokens in zip(batch, new_tokens, strict=True):
             stop = next((k for k, t in enumerate(tokens) if t in stop_ids), None)
             kept = tokens if stop is None else tokens[:stop]
@@ -181,27 +211,3 @@ def stop_rate(results: Sequence[Mapping]) -> float:
     if not results:
         raise ValueError("stop_rate of no results")
     return sum(r["stop_reason"] == STOP_EOS for r in results) / len(results)
-
-
-def measure_compliance(
-    model,
-    tokenizer,
-    records: Sequence[Mapping],
-    *,
-    max_new_tokens: int = 40,
-    batch_size: int = BATCH_SIZE,
-    progress: bool = True,
-) -> tuple[dict[str, float], list[str]]:
-    """`(compliance_rate(records, replies), replies)`: `model`'s greedy replies to the
-    eval `records` (whose `messages` end with the user turn), in the records' order.
-
-    40 new tokens are enough: the style shows in the answer line and the heading.
-
-    >>> rates, replies = measure_compliance(model, tokenizer, read_split("eval"))  # doctest: +SKIP
-    """
-    results = evaluate_sft_model(
-        model, tokenizer, records, max_new_tokens=max_new_tokens, do_sample=False,
-        batch_size=batch_size, progress=progress,
-    )
-    replies = [result["generated"] for result in results]
-    return compliance_rate(records, replies), replies

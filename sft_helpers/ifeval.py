@@ -494,12 +494,6 @@ def follows(row: Mapping, response: str, *, loose: bool = False) -> list[bool]:
 # --- scores ----------------------------------------------------------------------------------
 
 
-def _rate(k: int, n: int) -> dict:
-    from sft_helpers.evaluation import proportion_ci  # a torch-heavy module: import on use
-
-    return {"k": k, "n": n, "rate": k / n, "ci": proportion_ci(k, n)}
-
-
 def score(prompts: Sequence[Mapping], responses: Sequence[str]) -> dict:
     """IFEval's four accuracies, each as k of n with a 95% Wilson interval, and a strict
     instruction-level table per instruction id.
@@ -517,6 +511,8 @@ def score(prompts: Sequence[Mapping], responses: Sequence[str]) -> dict:
     >>> result["per_instruction"]["punctuation:no_comma"]
     {'k': 1, 'n': 2, 'rate': 0.5, 'ci': (0.0945..., 0.9054...)}
     """
+    from sft_helpers.evaluation import rate  # a torch-heavy module: import on use
+
     if not prompts:
         raise ValueError("no prompts to score")
     if len(prompts) != len(responses):
@@ -526,13 +522,13 @@ def score(prompts: Sequence[Mapping], responses: Sequence[str]) -> dict:
     result = {}
     for mode, followed in (("strict", strict), ("loose", loose)):
         flat = [ok for oks in followed for ok in oks]
-        result[f"prompt_{mode}"] = _rate(sum(map(all, followed)), len(followed))
-        result[f"instruction_{mode}"] = _rate(sum(flat), len(flat))
+        result[f"prompt_{mode}"] = rate(sum(map(all, followed)), len(followed))
+        result[f"instruction_{mode}"] = rate(sum(flat), len(flat))
     per_id: dict[str, list[bool]] = {}
     for row, oks in zip(prompts, strict, strict=True):
         for instruction_id, ok in zip(row["instruction_id_list"], oks, strict=True):
             per_id.setdefault(instruction_id, []).append(ok)
-    result["per_instruction"] = {i: _rate(sum(oks), len(oks)) for i, oks in sorted(per_id.items())}
+    result["per_instruction"] = {i: rate(sum(oks), len(oks)) for i, oks in sorted(per_id.items())}
     return result
 
 

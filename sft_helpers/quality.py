@@ -72,6 +72,15 @@ LSH_MIN_RECALL = 0.99  # band setup: P(a pair AT the threshold becomes a candida
 _PRIME = (1 << 31) - 1  # Mersenne prime for the universal hashes (products fit in uint64)
 CONTAMINATION_NGRAM = 8  # word n-grams compared with the eval split
 MIN_OVERLAP = 0.8  # share of an eval example's n-grams found in one training example
+# Two prompts whose content words (stopwords dropped) overlap this much ask the same thing:
+# "Is this ChatGPT?" and "Are you ChatGPT?" share all of theirs (1.0).
+PARAPHRASE_THRESHOLD = 0.4
+STOPWORDS = frozenset("""
+a about am an and are as at be been being but by can could did do does don for from had has
+have he her hi his how i if in into is it its just let me my no not of on or our please s she
+should so t tell than that the their them then there these they this those to too us was we
+were what when where which who whom whose why will with would yes you your
+""".split())
 
 
 # === 1. The baseline =======================================================================
@@ -302,6 +311,28 @@ def jaccard(a: set, b: set) -> float:
     0.5
     """
     return len(a & b) / len(a | b) if a or b else 1.0
+
+
+def content_words(text: str) -> set[str]:
+    """The lower-cased words of `text` without stopwords: what a prompt is about.
+
+    >>> sorted(content_words("Are you ChatGPT?")), sorted(content_words("Is this ChatGPT?"))
+    (['chatgpt'], ['chatgpt'])
+    """
+    return {w for w in re.findall(r"[a-z0-9]+", text.lower()) if w not in STOPWORDS}
+
+
+def closest_prompt(prompt: str, candidates: Sequence[str]) -> tuple[float, str]:
+    """The candidate whose `content_words` overlap `prompt`'s most, with that Jaccard
+    similarity; at `PARAPHRASE_THRESHOLD` or above, the two ask the same thing.
+
+    >>> closest_prompt("Is this ChatGPT?", ["Who made you?", "Are you ChatGPT?"])
+    (1.0, 'Are you ChatGPT?')
+    """
+    if not candidates:
+        raise ValueError("no candidate prompts to compare with")
+    words = content_words(prompt)
+    return max((jaccard(words, content_words(c)), c) for c in candidates)
 
 
 def _hash_coefficients(num_perm: int, seed: int) -> tuple[np.ndarray, np.ndarray]:

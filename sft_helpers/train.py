@@ -50,7 +50,14 @@ from sft_helpers.models import (
     load_model,
     resolve_profile,
 )
-from sft_helpers.training import LABEL_MODES, RECIPE, run_summary, train_arguments, train_sft
+from sft_helpers.training import (
+    LABEL_MODES,
+    LR_SCHEDULERS,
+    RECIPE,
+    run_summary,
+    train_arguments,
+    train_sft,
+)
 
 METRICS_FILE = "metrics.json"
 # Where a run writes when the config names no output_dir: outputs/<config file's stem>
@@ -143,6 +150,7 @@ RULES: dict[str, tuple[Callable, str]] = {
     "training.batch_size": (_positive_int, "a positive int"),
     "training.learning_rate": (_positive_number, "a positive number"),
     "training.warmup_steps": (_non_negative_int, "an int >= 0"),
+    "training.lr_scheduler": (_one_of(LR_SCHEDULERS), f"one of {list(LR_SCHEDULERS)}"),
     "training.packing": (lambda value: isinstance(value, bool), "true or false"),
     "training.seed": (_non_negative_int, "an int >= 0"),
     "output_dir": (_optional(_text), "a folder path"),

@@ -56,12 +56,15 @@ RECIPE: dict = {
         "batch_size": 4,
         "learning_rate": 3e-3,
         "warmup_steps": 0,
+        "lr_scheduler": "constant_with_warmup",
         "packing": False,
         "seed": 0,
     },
 }
 _LORA, _TRAINING = RECIPE["lora"], RECIPE["training"]
 # What the loss covers: the course's masking, and two mistakes kept to measure their cost.
+# Learning-rate schedules (transformers' names): flat after the warm-up, or decaying to 0.
+LR_SCHEDULERS = ("constant_with_warmup", "linear", "cosine")
 LABEL_MODES = {
     "assistant": "assistant replies and their closing end-of-turn token (the course's masking)",
     "all": "every token, system and user turns included (no masking)",
@@ -144,6 +147,7 @@ def sft_config(
     batch_size: int,
     learning_rate: float,
     warmup_steps: int = 0,
+    lr_scheduler: str = "constant_with_warmup",
     packing: bool = False,
     seed: int = 0,
     dtype: torch.dtype = torch.float32,
@@ -166,8 +170,7 @@ def sft_config(
         per_device_train_batch_size=batch_size,
         gradient_accumulation_steps=1,
         learning_rate=learning_rate,
-        # Constant: a few dozen steps are too few to spend half of them decaying.
-        lr_scheduler_type="constant_with_warmup",
+        lr_scheduler_type=lr_scheduler,
         warmup_steps=warmup_steps,
         logging_steps=1,
         save_strategy="no",
@@ -217,6 +220,7 @@ def train_sft(
     batch_size: int = _TRAINING["batch_size"],
     learning_rate: float = _TRAINING["learning_rate"],
     warmup_steps: int = _TRAINING["warmup_steps"],
+    lr_scheduler: str = _TRAINING["lr_scheduler"],
     packing: bool = _TRAINING["packing"],
     peft_config=None,
     labels: str = RECIPE["masking"]["labels"],
@@ -244,7 +248,8 @@ def train_sft(
     with _quiet_preparation():
         args = sft_config(
             output_dir, max_length=max_length, max_steps=max_steps, batch_size=batch_size,
-            learning_rate=learning_rate, warmup_steps=warmup_steps, packing=packing, seed=seed,
+            learning_rate=learning_rate, warmup_steps=warmup_steps, lr_scheduler=lr_scheduler,
+            packing=packing, seed=seed,
             dtype=model.dtype, progress=progress,
         )
         trainer = SFTTrainer(

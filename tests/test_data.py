@@ -21,8 +21,11 @@ from sft_helpers.data import (
     format_reply,
     is_multi_turn,
     load_course_dataset,
+    loops,
     names_persona,
+    opening_problems,
     read_split,
+    repetition_problems,
     style_problems,
 )
 
@@ -160,7 +163,43 @@ def test_unknown_category_and_role(tmp_path):
 
 def test_a_reply_in_the_house_style_passes():
     assert follows_house_style(GOOD)
-    assert follows_house_style("I can't help with that.\n\n### Details")  # cut off after heading
+    assert style_problems(GOOD) == [] == opening_problems(GOOD)
+
+
+# What the course adapter's replies looked like when only their opening was checked.
+LOOPING = [
+    ("Use a pot, a filter, and a cup.\n\n### Details\n" + "Use a pot, a filter, and a cup.\n" * 4,
+     ["the details repeat the answer line", "comes 4 times"]),
+    ("I'm Pip.\n\n### Details\nI am a fine-tuned fine-tuning fine-tuning fine-tuning fine-tuning "
+     "fine-tuning model.", ["the words 'fine tuning fine tuning' come"]),
+    ("Canberra.\n\n### Details\nIt was chosen in 1908.\n\n### Details\nIt was chosen.",
+     ["'### Details' comes 2 times"]),
+    ("I can't help with that.\n\n### Details", ["the details are empty"]),
+    ("I can't help with that.\n\n### Details\n  \n", ["the details are empty"]),
+    ("Paris.\n\n### Details\nParis.", ["the details repeat the answer line"]),
+]
+
+
+@pytest.mark.parametrize("reply, problems", LOOPING)
+def test_the_whole_reply_is_checked_not_only_its_opening(reply, problems):
+    assert opening_problems(reply) == []  # the opening-only check lets all of these through
+    assert not follows_house_style(reply)
+    for problem in problems:
+        assert any(problem in p for p in style_problems(reply)), style_problems(reply)
+
+
+def test_the_loop_detector_flags_repeated_lines_and_word_runs_only():
+    assert repetition_problems("Step one: boil water.\nStep one: boil water.") == [
+        "the line 'Step one: boil water.' comes 2 times"]
+    assert loops("the cat sat down " * 3)
+    # Short lines may repeat (code, list markers), and two repeats of a phrase are fine.
+    assert not loops("```\n}\n}\n```\nx = 1\nx = 1")
+    assert not loops("the cat sat down and the cat sat down again")
+
+
+def test_no_reply_in_the_course_data_loops():
+    replies = assistant_messages(TRAIN) + [r["reference"] for r in EVAL]
+    assert [r for r in replies if loops(r)] == []
 
 
 @pytest.mark.parametrize("reply, problem", [
@@ -217,13 +256,16 @@ def test_names_persona_looks_at_the_first_line_and_whole_words():
 def test_compliance_per_example():
     identity, factual = {"category": "identity"}, {"category": "factual"}
     pip = PERSONA_INTRO + "\n\n### Details\nx"
-    assert compliance(identity, pip) == {"house_style": True, "persona": True, "compliant": True}
-    assert compliance(identity, GOOD) == {"house_style": True, "persona": False,
-                                          "compliant": False}
-    assert compliance(identity, "I'm Pip!") == {"house_style": False, "persona": True,
-                                                "compliant": False}
-    assert compliance(factual, GOOD) == {"house_style": True, "persona": None,
-                                         "compliant": True}
+    assert compliance(identity, pip) == {"opening": True, "house_style": True,
+                                         "persona": True, "compliant": True}
+    assert compliance(identity, GOOD) == {"opening": True, "house_style": True,
+                                          "persona": False, "compliant": False}
+    assert compliance(identity, "I'm Pip!") == {"opening": False, "house_style": False,
+                                                "persona": True, "compliant": False}
+    assert compliance(factual, GOOD) == {"opening": True, "house_style": True,
+                                         "persona": None, "compliant": True}
+    assert compliance(factual, "4.\n\n### Details") == {"opening": True, "house_style": False,
+                                                         "persona": None, "compliant": False}
 
 
 def test_compliance_rate_counts_persona_over_identity_examples_only():
@@ -231,7 +273,8 @@ def test_compliance_rate_counts_persona_over_identity_examples_only():
                 {"category": "identity"}]
     replies = [PERSONA_INTRO + "\n\n### Details\nx", GOOD, "Sure! 4.", GOOD]
     rate = compliance_rate(examples, replies)
-    assert rate == {"house_style": 0.75, "persona": 0.5, "compliant": 0.5, "n": 4}
+    assert rate == {"opening": 0.75, "house_style": 0.75, "persona": 0.5, "compliant": 0.5,
+                    "n": 4}
 
 
 def test_compliance_rate_rejects_unpaired_or_empty_input():
@@ -248,3 +291,15 @@ def test_references_score_full_marks_and_untrained_style_scores_zero():
     untrained = ["The boiling point of water at sea level is approximately 100 degrees Celsius.",
                  "I'm Dr. Elena Argento, a brilliant and compassionate AI."]
     assert compliance_rate([EVAL[0], {"category": "identity"}], untrained)["compliant"] == 0.0
+
+
+def test_held_out_identity_prompts_paraphrase_no_training_prompt():
+    from sft_helpers.quality import PARAPHRASE_THRESHOLD, closest_prompt
+
+    trained = [m["content"] for r in TRAIN for m in r["messages"] if m["role"] == "user"]
+    for record in EVAL:
+        if record["category"] == "identity":
+            similarity, closest = closest_prompt(record["messages"][-1]["content"], trained)
+            assert similarity < PARAPHRASE_THRESHOLD, (record["id"], closest)
+    # The check can fail: an earlier held-out prompt, "Is this ChatGPT?", paraphrased one.
+    assert closest_prompt("Is this ChatGPT?", trained) == (1.0, "Are you ChatGPT?")

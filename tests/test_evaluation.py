@@ -336,3 +336,101 @@ def test_model_judge_gives_a_probability_per_prompt_batched_or_not(tiny):
     single = ev.model_judge(model, tokenizer, batch_size=1)(prompts)
     assert len(batched) == 3 and all(0.0 < p < 1.0 for p in batched)
     assert batched == pytest.approx(single, abs=1e-5)
+
+
+# --- intervals and paired comparisons -----------------------------------------------------
+
+
+Z95 = 1.959963984540054
+
+
+def wilson(k, n, z=Z95):
+    """The Wilson score interval, written out from its formula."""
+    p = k / n
+    centre = (p + z * z / (2 * n)) / (1 + z * z / n)
+    half = z / (1 + z * z / n) * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n))
+    return centre - half, centre + half
+
+
+@pytest.mark.parametrize("k, n", [(0, 10), (10, 10), (5, 10), (52, 65), (1, 1), (0, 1), (3, 400)])
+def test_proportion_ci_is_the_wilson_interval(k, n):
+    low, high = ev.proportion_ci(k, n)
+    assert (low, high) == pytest.approx(wilson(k, n), abs=1e-12)
+    assert 0.0 <= low <= k / n <= high <= 1.0
+
+
+def test_proportion_ci_at_the_edges_and_known_values():
+    # k = 0: the lower bound is exactly 0 and the upper is z^2 / (n + z^2); k = n mirrors it.
+    assert ev.proportion_ci(0, 10) == (0.0, pytest.approx(Z95**2 / (10 + Z95**2)))
+    assert ev.proportion_ci(10, 10) == (pytest.approx(10 / (10 + Z95**2)), 1.0)
+    assert ev.proportion_ci(5, 10) == pytest.approx((0.2366, 0.7634), abs=1e-4)
+    # A 99% interval is wider than a 95% one.
+    assert ev.proportion_ci(5, 10, confidence=0.99)[0] < ev.proportion_ci(5, 10)[0]
+
+
+@pytest.mark.parametrize("k, n", [(1, 0), (-1, 5), (6, 5)])
+def test_proportion_ci_rejects_impossible_counts(k, n):
+    with pytest.raises(ValueError, match="must be"):
+        ev.proportion_ci(k, n)
+
+
+def test_paired_difference_counts_the_discordant_pairs_and_tests_them_exactly():
+    before = [True] * 10 + [False] * 10 + [True] * 1 + [False] * 8
+    after = [True] * 10 + [False] * 10 + [False] * 1 + [True] * 8
+    d = ev.paired_difference(before, after)
+    assert (d["n"], d["before"], d["after"], d["gained"], d["lost"]) == (29, 11, 18, 8, 1)
+    assert d["difference"] == pytest.approx(7 / 29)
+    # Exact McNemar: 2 * P(X <= 1) for X ~ Binomial(9, 1/2) = 2 * 10 / 512.
+    assert d["p_value"] == pytest.approx(20 / 512)
+    low, high = d["ci"]
+    assert 0 < low < d["difference"] < high < 1
+    # Swapping the two models mirrors the difference and its interval.
+    back = ev.paired_difference(after, before)
+    assert back["difference"] == pytest.approx(-d["difference"])
+    assert back["ci"] == pytest.approx((-high, -low))
+
+
+def test_paired_difference_interval_agrees_with_a_paired_bootstrap():
+    import random
+
+    rng = random.Random(0)
+    before = [rng.random() < 0.4 for _ in range(65)]
+    after = [b or rng.random() < 0.5 for b in before]
+    d = ev.paired_difference(before, after)
+    pairs = list(zip(before, after, strict=True))
+    boot = sorted(
+        sum(a - b for b, a in (rng.choice(pairs) for _ in pairs)) / len(pairs)
+        for _ in range(4000)
+    )
+    assert d["ci"] == pytest.approx((boot[100], boot[3899]), abs=0.03)
+
+
+def test_paired_difference_of_identical_outcomes_is_zero_and_not_significant():
+    d = ev.paired_difference([True, False] * 10, [True, False] * 10)
+    assert d["difference"] == 0 and d["p_value"] == 1.0
+    assert d["ci"][0] < 0 < d["ci"][1]
+    assert "not significant" in ev.format_difference(d)
+
+
+def test_paired_difference_rejects_unpaired_or_empty_outcomes():
+    with pytest.raises(ValueError, match="the same prompts"):
+        ev.paired_difference([True], [True, False])
+    with pytest.raises(ValueError, match="no outcomes"):
+        ev.paired_difference([], [])
+
+
+def test_reply_scores_judge_the_whole_reply_and_the_stop():
+    good = _record("Paris.\n\n### Details\nSince 508.")
+    cut = _record("Paris.\n\n### Details\nSince 508.", gen.STOP_LENGTH)
+    looping = _record("Paris.\n\n### Details\n" + "It is old. It is big. " * 4)
+    assert ev.reply_scores(good) == {"opening": True, "stopped": True, "loops": False,
+                                     "house_style": True, "persona": None, "compliant": True}
+    assert ev.reply_scores(cut)["house_style"] is False and ev.reply_scores(cut)["opening"]
+    assert ev.reply_scores(looping)["loops"] and not ev.reply_scores(looping)["house_style"]
+    table = ev.score_table([good, cut, looping, _record("I'm Pip.\n\n### Details\nHi.",
+                                                         category="identity")])
+    assert {m: (r["k"], r["n"]) for m, r in table.items()} == {
+        "opening": (4, 4), "stopped": (3, 4), "loops": (1, 4), "house_style": (2, 4),
+        "persona": (1, 1), "compliant": (2, 4)}
+    assert table["house_style"]["ci"] == ev.proportion_ci(2, 4)
+    assert ev.format_rate(table["house_style"]) == "2/4 = 50% [15, 85]"

@@ -22,7 +22,7 @@ TAUGHT_IN = {
     "lora": 4, "architectures": 4,
     "quant": 5, "memory": 5,
     "quality": 6, "noisy": 6,
-    "evaluation": 7,
+    "evaluation": 3, "ifeval": 7,
     "triage": 8, "train": 8,
 }
 

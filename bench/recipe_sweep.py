@@ -1,0 +1,94 @@
+"""The course recipe, chosen by measurement: train a handful of settings, score each one.
+
+Each setting is the course recipe (`sft_helpers.training.RECIPE`) with a few values changed.
+Every run trains the course adapter through `course_adapter` (so it is cached, and the
+notebook that uses the chosen one loads it), then answers the 65 held-out prompts greedily
+with room for a whole reply and prints, for each: training seconds, eval loss on the
+held-out references, and the whole-reply metrics with k/n and 95% intervals (house style,
+stop rate, loop rate, persona), next to the untrained model's:
+
+    HF_HUB_OFFLINE=1 .venv/bin/python bench/recipe_sweep.py [--only NAME ...] [--replies DIR]
+
+Timings come from one run on one machine; settings that run while the machine is busy
+with other work read slower.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import re
+import time
+from pathlib import Path
+
+SETTINGS = {
+    "old: lr 3e-3 constant, 24 x 4": {},
+    "lr 1e-3 constant": {"learning_rate": 1e-3},
+    "lr 3e-3 cosine": {"lr_scheduler": "cosine"},
+    "lr 3e-3 cosine, max_length 256": {"lr_scheduler": "cosine", "max_length": 256},
+    "lr 3e-3 cosine, 40 x 4, top 6 layers": {
+        "lr_scheduler": "cosine", "max_steps": 40, "layers": list(range(24, 30)),
+    },
+    "lr 1e-3 cosine, 40 x 4, top 6 layers": {
+        "learning_rate": 1e-3, "lr_scheduler": "cosine", "max_steps": 40,
+        "layers": list(range(24, 30)),
+    },
+}
+COLUMNS = ("house_style", "stopped", "loops", "persona", "opening")
+
+
+def score(model, tokenizer, records, references, save: Path | None) -> dict:
+    from sft_helpers.evaluation import eval_loss, measure_compliance
+
+    start = time.perf_counter()
+    table, results = measure_compliance(model, tokenizer, records, progress=False)
+    seconds = time.perf_counter() - start
+    if save is not None:
+        save.write_text(json.dumps(results, indent=1, ensure_ascii=False))
+    return {**table, "eval loss": eval_loss(model, tokenizer, references)["loss"],
+            "generate s": seconds}
+
+
+def row(name: str, train_s: float | None, scores: dict) -> str:
+    from sft_helpers.evaluation import format_rate
+
+    train = "-" if train_s is None else f"{train_s:.0f}"
+    cells = [format_rate(scores[c]) for c in COLUMNS]
+    return (f"| {name} | {train} | {scores['eval loss']:.2f} | " + " | ".join(cells)
+            + f" | {scores['generate s']:.0f} |")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--only", nargs="*", help="names of the settings to run")
+    parser.add_argument("--replies", type=Path, help="a folder to write each run's replies to")
+    args = parser.parse_args()
+    if args.replies:
+        args.replies.mkdir(parents=True, exist_ok=True)
+
+    def save(name: str) -> Path | None:
+        slug = re.sub(r"[^a-z0-9]+", "-", name.lower()).strip("-")
+        return args.replies / f"{slug}.json" if args.replies else None
+
+    from sft_helpers.data import read_split
+    from sft_helpers.models import load_model
+    from sft_helpers.training import course_adapter, load_course_model, training_log
+
+    records = read_split("eval")
+    references = [r["messages"] + [{"role": "assistant", "content": r["reference"]}]
+                  for r in records]
+    print("| recipe | train s | eval loss | " + " | ".join(COLUMNS) + " | generate s |")
+    print("|---" * (len(COLUMNS) + 4) + "|")
+    base, tokenizer = load_model()
+    print(row("untrained model", None, score(base, tokenizer, records, references, save("untrained"))), flush=True)
+    for name, settings in SETTINGS.items():
+        if args.only and name not in args.only:
+            continue
+        adapter = course_adapter(**settings)
+        model, _ = load_course_model(adapter, merge=True)
+        train_s = training_log(adapter)["train_seconds"]
+        print(row(name, train_s, score(model, tokenizer, records, references, save(name))), flush=True)
+
+
+if __name__ == "__main__":
+    main()
