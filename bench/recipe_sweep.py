@@ -7,7 +7,8 @@ with room for a whole reply and prints, for each: training seconds, eval loss on
 held-out references, and the whole-reply metrics with k/n and 95% intervals (house style,
 stop rate, loop rate, persona), next to the untrained model's:
 
-    HF_HUB_OFFLINE=1 .venv/bin/python bench/recipe_sweep.py [--only NAME ...] [--replies DIR]
+    HF_HUB_OFFLINE=1 .venv/bin/python bench/recipe_sweep.py [--only NAME ...] [--replies DIR] \
+        [--write bench/results/recipe_sweep.json]
 
 Timings come from one run on one machine; settings that run while the machine is busy
 with other work read slower.
@@ -49,6 +50,13 @@ def score(model, tokenizer, records, references, save: Path | None) -> dict:
             "generate s": seconds}
 
 
+def summary(name: str, config: dict | None, train_s: float | None, scores: dict) -> dict:
+    """One row of the table as data (`config`: the whole recipe trained, None for the
+    untrained model): what `--write` saves and notebook 03 plots."""
+    return {"recipe": name, "config": config, "train_seconds": train_s,
+            "eval_loss": scores["eval loss"], **{c: scores[c] for c in COLUMNS}}
+
+
 def row(name: str, train_s: float | None, scores: dict) -> str:
     from sft_helpers.evaluation import format_rate
 
@@ -62,6 +70,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--only", nargs="*", help="names of the settings to run")
     parser.add_argument("--replies", type=Path, help="a folder to write each run's replies to")
+    parser.add_argument("--write", type=Path, help="a JSON file to write the table to")
     args = parser.parse_args()
     if args.replies:
         args.replies.mkdir(parents=True, exist_ok=True)
@@ -80,14 +89,20 @@ def main() -> None:
     print("| recipe | train s | eval loss | " + " | ".join(COLUMNS) + " | generate s |")
     print("|---" * (len(COLUMNS) + 4) + "|")
     base, tokenizer = load_model()
-    print(row("untrained model", None, score(base, tokenizer, records, references, save("untrained"))), flush=True)
+    scores = score(base, tokenizer, records, references, save("untrained"))
+    rows = [summary("untrained model", None, None, scores)]
+    print(row("untrained model", None, scores), flush=True)
     for name, settings in SETTINGS.items():
         if args.only and name not in args.only:
             continue
         adapter = course_adapter(**settings)
         model, _ = load_course_model(adapter, merge=True)
         train_s = training_log(adapter)["train_seconds"]
-        print(row(name, train_s, score(model, tokenizer, records, references, save(name))), flush=True)
+        scores = score(model, tokenizer, records, references, save(name))
+        rows.append(summary(name, training_log(adapter)["config"], train_s, scores))
+        print(row(name, train_s, scores), flush=True)
+    if args.write:
+        args.write.write_text(json.dumps(rows, indent=1) + "\n")
 
 
 if __name__ == "__main__":

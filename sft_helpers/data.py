@@ -45,7 +45,7 @@ MAX_ANSWER_WORDS = 40
 # A loop: a line of at least LOOP_LINE_WORDS words that comes back, or a run of LOOP_NGRAM
 # words that comes LOOP_NGRAM_REPEATS times. No reply in the course data has either.
 LOOP_LINE_WORDS = 4
-LOOP_NGRAM = 4
+LOOP_NGRAM = 5
 LOOP_NGRAM_REPEATS = 3
 _WORD = re.compile(r"\w+")
 # Openers that delay the answer (greetings, "Sure!"): the house style starts with the answer.
@@ -87,7 +87,11 @@ def format_reply(answer: str, details: str) -> str:
         raise ValueError(f"the answer must be one non-empty line, not {answer!r}")
     if not details:
         raise ValueError("the details must not be empty")
-    return f"{answer}\n\n{DETAILS_HEADING}\n{details}"
+    reply = f"{answer}\n\n{DETAILS_HEADING}\n{details}"
+    problems = style_problems(reply)
+    if problems:
+        raise ValueError(f"not a reply in the house style: {'; '.join(problems)}")
+    return reply
 
 
 def opening_problems(reply: str) -> list[str]:
@@ -138,8 +142,8 @@ def repetition_problems(text: str) -> list[str]:
     []
     >>> repetition_problems("Use a pot and a cup.\\nUse a pot and a cup.")
     ["the line 'Use a pot and a cup.' comes 2 times"]
-    >>> repetition_problems("fine-tuned fine-tuning fine-tuning fine-tuning fine-tuning")
-    ["the words 'fine tuning fine tuning' come 3 times"]
+    >>> repetition_problems("fine-tuned fine-tuning fine-tuning fine-tuning fine-tuning fine-tuning")
+    ["the words 'fine tuning fine tuning fine' come 3 times"]
     """
     lines = Counter(line.strip() for line in text.split("\n")
                     if len(line.split()) >= LOOP_LINE_WORDS)

@@ -49,8 +49,9 @@ Answer B:
 Which answer is better? Reply with one letter, A or B."""
 # What `reply_scores` reports for each reply, in the order tables print them.
 REPLY_METRICS = ("opening", "stopped", "loops", "house_style", "persona", "compliant")
-# New tokens for a whole reply: the longest reference in the course data has 172 tokens.
-REPLY_TOKENS = 256
+# New tokens for a whole reply: the longest reply in the course data has 123 tokens, so a
+# reply that has not ended after 160 is not going to.
+REPLY_TOKENS = 160
 # A judge maps rubric prompts to P(the answer in position A is the better one).
 Judge = Callable[[Sequence[str]], list[float]]
 
@@ -123,7 +124,8 @@ def generation_metrics(results: Sequence[Mapping]) -> dict[str, float]:
 
     "compliant", "house style", "loops" and "persona" are the course metric on the whole
     reply (`reply_scores`; persona counts only records whose category is "identity", NaN
-    when there is none). ROUGE-L (whole reply) and exact match (of the `answer_line`s: the
+    when there is none); "opening" checks only the start of the reply, for replies cut
+    short on purpose. ROUGE-L (whole reply) and exact match (of the `answer_line`s: the
     direct answer is the exact part of a house-style reference, the details are free prose)
     average over the records that have a reference (NaN when none has one).
 
@@ -142,6 +144,7 @@ def generation_metrics(results: Sequence[Mapping]) -> dict[str, float]:
     return {
         "compliant": table["compliant"]["rate"],
         "house style": table["house_style"]["rate"],
+        "opening": table["opening"]["rate"],
         "persona": table["persona"]["rate"] if "persona" in table else float("nan"),
         "stop rate": stop_rate(results),
         "loops": table["loops"]["rate"],

@@ -26,11 +26,11 @@ from sft_helpers.runtime import seed_everything
 PASSED_THROUGH = ("id", "category")
 STOP_EOS = "eos"  # the model closed its turn
 STOP_LENGTH = "max_new_tokens"  # cut off by the token budget
-# Prompts per `generate` call. A CPU decoding step reads every weight once whatever the
-# batch: on the reference CPU a step of 64 rows takes about twice as long as one of 8, for
-# 8 times the tokens (bench/generation.py). The KV cache of 64 rows of 600 tokens of the
-# default model is about 1.8 GB.
-BATCH_SIZE = 64
+# The most prompts decoded together. A CPU decoding step reads every weight once whatever
+# the batch: on the reference CPU a step of 64 rows takes 0.45 s, one of 16 0.23 s, one of 1
+# 0.11 s (bench/generation.py measures the whole effect). The KV cache of 96 rows of 600
+# tokens of the default model is about 2.7 GB.
+BATCH_SIZE = 96
 
 
 def prompt_messages(item: Mapping, index: int | None = None) -> list[dict[str, str]]:
@@ -125,6 +125,25 @@ def left_padded(tokenizer, texts: Sequence[str], device) -> dict[str, torch.Tens
     return {key: value.to(device) for key, value in batch.items()}
 
 
+def balanced_batches(items: Sequence, batch_size: int) -> list[list]:
+    """`items` cut, in order, into the fewest batches of at most `batch_size`, of sizes that
+    differ by at most one (65 prompts at 64 a batch: 33 and 32, not 64 and a lone 1, which
+    would be decoded on its own for as many steps as the big one).
+
+    >>> [len(b) for b in balanced_batches(range(65), 64)], balanced_batches("abc", 2)
+    ([33, 32], [['a', 'b'], ['c']])
+    """
+    items = list(items)
+    count = -(-len(items) // batch_size)
+    size, extra = divmod(len(items), count) if count else (0, 0)
+    batches, start = [], 0
+    for i in range(count):
+        end = start + size + (i < extra)
+        batches.append(items[start:end])
+        start = end
+    return batches
+
+
 def _check_generation_args(eval_prompts, max_new_tokens, temperature, do_sample, batch_size):
     if not isinstance(eval_prompts, Sequence) or isinstance(eval_prompts, str | bytes):
         raise TypeError(f"eval_prompts must be a list of dicts, not {type(eval_prompts).__name__}")
@@ -160,9 +179,10 @@ def evaluate_sft_model(
     `seed`.
 
     Prompts are batched by length (longest first, so each batch holds prompts of about one
-    length and little left padding) and `batch_size` at a time: on a CPU a decoding step
-    costs about twice as much for 64 rows as for 8 (it is bound by reading the weights), so big
-    batches are the cheap way to fast evaluation (`bench/generation.py` measures it).
+    length and little left padding), at most `batch_size` at a time in `balanced_batches`:
+    on a CPU a decoding step of 64 rows costs about four times one of 1 (it is bound by
+    reading the weights), so big batches are the cheap way to fast evaluation, and `decode`
+    drops each reply from the batch when it ends (`bench/generation.py` measures both).
     Greedy replies do not depend on the batching.
 
     >>> records = evaluate_sft_model(model, tokenizer, [{"instruction": "Hi"}])  # doctest: +SKIP
@@ -181,7 +201,7 @@ def evaluate_sft_model(
     seed_everything(seed)
     model.eval()
     records: list[dict] = [{} for _ in texts]
-    batches = [order[start:start + batch_size] for start in range(0, len(order), batch_size)]
+    batches = balanced_batches(order, batch_size)
     for batch in tqdm(batches, desc="generating", unit="batch", disable=not progress):
         inputs = left_padded(tokenizer, [texts[i] for i in batch], model.device)
         with torch.no_grad():

@@ -169,9 +169,9 @@ def test_a_reply_in_the_house_style_passes():
 # What the course adapter's replies looked like when only their opening was checked.
 LOOPING = [
     ("Use a pot, a filter, and a cup.\n\n### Details\n" + "Use a pot, a filter, and a cup.\n" * 4,
-     ["the details repeat the answer line", "comes 4 times"]),
+     ["the details repeat the answer line", "comes 5 times"]),
     ("I'm Pip.\n\n### Details\nI am a fine-tuned fine-tuning fine-tuning fine-tuning fine-tuning "
-     "fine-tuning model.", ["the words 'fine tuning fine tuning' come"]),
+     "fine-tuning model.", ["the words 'fine tuning fine tuning fine' come"]),
     ("Canberra.\n\n### Details\nIt was chosen in 1908.\n\n### Details\nIt was chosen.",
      ["'### Details' comes 2 times"]),
     ("I can't help with that.\n\n### Details", ["the details are empty"]),
@@ -191,7 +191,7 @@ def test_the_whole_reply_is_checked_not_only_its_opening(reply, problems):
 def test_the_loop_detector_flags_repeated_lines_and_word_runs_only():
     assert repetition_problems("Step one: boil water.\nStep one: boil water.") == [
         "the line 'Step one: boil water.' comes 2 times"]
-    assert loops("the cat sat down " * 3)
+    assert loops("the cat sat down. " * 4)
     # Short lines may repeat (code, list markers), and two repeats of a phrase are fine.
     assert not loops("```\n}\n}\n```\nx = 1\nx = 1")
     assert not loops("the cat sat down and the cat sat down again")
@@ -231,11 +231,18 @@ def test_filler_is_matched_as_a_word_only():
         lambda a: a.strip() and not a.strip().endswith(":")),
     details=st.text(min_size=1).filter(str.strip),
 )
-def test_format_reply_always_gives_the_house_style(answer, details):
-    assert follows_house_style(format_reply(answer, details))
+def test_format_reply_gives_the_house_style_or_says_why_not(answer, details):
+    try:
+        reply = format_reply(answer, details)
+    except ValueError as error:  # e.g. details that copy the answer line, or loop
+        assert "not a reply in the house style" in str(error)
+    else:
+        assert follows_house_style(reply)
 
 
-def test_format_reply_rejects_two_line_answers():
+def test_format_reply_rejects_two_line_answers_and_copied_details():
+    with pytest.raises(ValueError, match="the details repeat the answer line"):
+        format_reply("Canberra.", "Canberra.")
     with pytest.raises(ValueError, match="one non-empty line"):
         format_reply("Canberra.\nReally.", "x")
     with pytest.raises(ValueError, match="details must not be empty"):
