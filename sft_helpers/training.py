@@ -336,8 +336,8 @@ def train_arguments(recipe: Mapping) -> dict:
     becomes a run (the course adapter and the train CLI both call it).
 
     >>> sorted(train_arguments(RECIPE))
-    ['batch_size', 'labels', 'learning_rate', 'max_length', 'max_steps', 'packing',
-     'peft_config', 'seed', 'warmup_steps']
+    ['batch_size', 'labels', 'learning_rate', 'lr_scheduler', 'max_length', 'max_steps',
+     'packing', 'peft_config', 'seed', 'warmup_steps']
     """
     lora = recipe["lora"]
     return {
