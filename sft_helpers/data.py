@@ -142,7 +142,7 @@ def repetition_problems(text: str) -> list[str]:
     []
     >>> repetition_problems("Use a pot and a cup.\\nUse a pot and a cup.")
     ["the line 'Use a pot and a cup.' comes 2 times"]
-    >>> repetition_problems("fine-tuned fine-tuning fine-tuning fine-tuning fine-tuning fine-tuning")
+    >>> repetition_problems("fine-tuned " + "fine-tuning " * 5)
     ["the words 'fine tuning fine tuning fine' come 3 times"]
     """
     lines = Counter(line.strip() for line in text.split("\n")
