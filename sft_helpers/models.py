@@ -35,7 +35,6 @@ import os
 import shutil
 import stat
 import sys
-import tempfile
 import time
 import warnings
 from collections.abc import Callable, Iterator, Sequence
@@ -115,17 +114,10 @@ def entry_path(name: str) -> Path:
 
 
 def display_path(path: Path) -> str:
-    """`path` with the home folder written as `~` and the temporary folder as `$TMPDIR`,
-    so outputs carry no machine's paths.
-
-    >>> display_path(Path.home() / "x"), display_path(Path(tempfile.gettempdir()) / "y")
-    ('~/x', '$TMPDIR/y')
-    """
+    """`path` with the home folder written as `~`, so outputs carry no machine's paths."""
+    home = str(Path.home())
     text = str(path)
-    for folder, name in ((tempfile.gettempdir(), "$TMPDIR"), (str(Path.home()), "~")):
-        if text == folder or text.startswith(folder.rstrip("/") + "/"):
-            return name + text[len(folder.rstrip("/")):]
-    return text
+    return "~" + text[len(home):] if text.startswith(home) else text
 
 
 def gguf_path() -> Path:
