@@ -11,7 +11,9 @@ stop rate, loop rate, persona), next to the untrained model's:
         [--write bench/results/recipe_sweep.json]
 
 Timings come from one run on one machine; settings that run while the machine is busy
-with other work read slower.
+with other work read slower. The rows up to "96 x 1" trained padded batches, the "x 4" rows
+after them padding-free ones (`train_sft`'s default since; the same loss, a faster step:
+bench/training_speed.py), under the Makefile's allocator settings.
 """
 
 from __future__ import annotations
@@ -38,6 +40,8 @@ SETTINGS = {
     "lr 2e-3 constant, 48 x 2": {**EARLIER, "learning_rate": 2e-3, "max_steps": 48,
                                  "batch_size": 2},
     "lr 3e-3 constant, 96 x 1": {**EARLIER, "max_steps": 96, "batch_size": 1},
+    "lr 3e-3 constant, 32 x 4": {**EARLIER, "max_steps": 32},
+    "lr 3e-3 constant, 48 x 4": {**EARLIER, "max_steps": 48},
 }
 UNTRAINED = "untrained model"
 COLUMNS = ("house_style", "stopped", "loops", "persona", "opening")

@@ -365,6 +365,18 @@ def score_table(records: Sequence[Mapping]) -> dict[str, dict]:
     return table
 
 
+def with_system(records: Sequence[Mapping], system: str | None) -> list[dict]:
+    """`records` with a system message put before each one's `messages` (None: left as
+    they are, so the chat template adds its own default).
+
+    >>> hello = [{"messages": [{"role": "user", "content": "Hi"}]}]
+    >>> [m["role"] for m in with_system(hello, "Be brief.")[0]["messages"]]
+    ['system', 'user']
+    """
+    head = [{"role": "system", "content": system}] if system else []
+    return [{**r, "messages": head + list(r["messages"])} for r in records]
+
+
 def measure_compliance(
     model,
     tokenizer,
@@ -380,15 +392,13 @@ def measure_compliance(
 
     `max_new_tokens` (default `REPLY_TOKENS`) leaves room for a whole reply, so a reply
     that does not stop within it has failed to stop. `system` puts a system message first
-    (None: the chat template's own default).
+    (`with_system`; None: the chat template's own default).
 
     >>> table, results = measure_compliance(model, tokenizer, read_split("eval"))  # doctest: +SKIP
     """
-    head = [{"role": "system", "content": system}] if system else []
-    prompts = [{**r, "messages": head + list(r["messages"])} for r in records]
     results = evaluate_sft_model(
-        model, tokenizer, prompts, max_new_tokens=max_new_tokens, do_sample=False,
-        batch_size=batch_size, progress=progress,
+        model, tokenizer, with_system(records, system), max_new_tokens=max_new_tokens,
+        do_sample=False, batch_size=batch_size, progress=progress,
     )
     return score_table(results), results
 

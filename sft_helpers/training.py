@@ -23,6 +23,7 @@ import copy
 import hashlib
 import json
 import shutil
+import time
 import warnings
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -39,8 +40,9 @@ from sft_helpers.runtime import LIBRARY_RENAME_NOTICE, seed_everything
 # (configs/capstone.yaml). `train_sft`, `lora_config`, `course_adapter` and
 # `python -m sft_helpers.train` all take their defaults from here. Sized for a 2-core CPU
 # and chosen by measurement (bench/recipe_sweep.py, shown in notebook 03): of the settings
-# it trained, one conversation per step for 96 steps at a constant 3e-3 gave the most
-# held-out replies in the whole house style, in about 130 s.
+# it trained, 32 steps of four conversations at a constant 3e-3 gave the most held-out
+# replies in the whole house style, in about two minutes (`train_sft` makes each batch
+# padding-free).
 RECIPE: dict = {
     "model": {"profile": DEFAULT_PROFILE, "quantization": None},
     "masking": {"labels": "assistant"},
@@ -54,8 +56,8 @@ RECIPE: dict = {
     },
     "training": {
         "max_length": 192,
-        "max_steps": 96,
-        "batch_size": 1,
+        "max_steps": 32,
+        "batch_size": 4,
         "learning_rate": 3e-3,
         "warmup_steps": 0,
         "lr_scheduler": "constant_with_warmup",
@@ -151,6 +153,7 @@ def sft_config(
     warmup_steps: int = 0,
     lr_scheduler: str = "constant_with_warmup",
     packing: bool = False,
+    padding_free: bool,
     seed: int = 0,
     dtype: torch.dtype = torch.float32,
     progress: bool = True,
@@ -158,16 +161,21 @@ def sft_config(
     """The `SFTConfig` that `train_sft` uses: today's TRL names (`max_length`, `packing`),
     a loss logged at every step, nothing saved or reported, mixed precision from `dtype`.
 
-    `packing=True` uses TRL's best-fit-decreasing packing, which is padding-free: the
-    sequences of a batch are concatenated and their `position_ids` restart at 0 at each
-    boundary, from which the model builds a per-sequence (block-diagonal) attention mask.
+    `padding_free=True` (TRL's option) concatenates the conversations of a batch into one
+    row, with `position_ids` that restart at 0 at each boundary, from which the model builds
+    a per-conversation (block-diagonal) attention mask: no pad token is computed, and the
+    loss is the one a padded batch gives (bench/training_speed.py measures both). The
+    inputs come truncated to `max_length` (`masked_dataset`), which TRL requires of a
+    padding-free run without packing. `packing=True` uses TRL's best-fit-decreasing
+    packing, which is padding-free too.
     """
     from trl import SFTConfig
 
     return SFTConfig(
         output_dir=str(output_dir),
-        max_length=max_length,
+        max_length=None if padding_free and not packing else max_length,
         packing=packing,
+        padding_free=padding_free,
         max_steps=max_steps,
         per_device_train_batch_size=batch_size,
         gradient_accumulation_steps=1,
@@ -224,7 +232,9 @@ def train_sft(
     warmup_steps: int = _TRAINING["warmup_steps"],
     lr_scheduler: str = _TRAINING["lr_scheduler"],
     packing: bool = _TRAINING["packing"],
+    padding_free: bool = True,
     peft_config=None,
+    callbacks: Sequence = (),
     labels: str = RECIPE["masking"]["labels"],
     seed: int = _TRAINING["seed"],
     progress: bool = True,
@@ -232,11 +242,14 @@ def train_sft(
     """Fine-tune `model` on `conversations` (lists of messages) with TRL's `SFTTrainer`.
 
     Every setting defaults to the course recipe (`RECIPE`); `train_arguments(recipe)`
-    gives them all from a recipe. The loss covers the assistant's tokens only (our
-    masking; `labels` selects one of the mistakes in `LABEL_MODES` instead). `peft_config`
-    defaults to `lora_config()`; TRL wraps the model with it. Seeded: on the CPU two runs
-    with the same arguments give the same loss at every step. Returns the trained trainer:
-    `trainer.model` is the PEFT model, `loss_history(trainer)` the loss per step.
+    gives them all from a recipe. A batch is padding-free (`padding_free=False` pads it to
+    its longest conversation instead, as TRL does by default). The loss covers the
+    assistant's tokens only (our masking; `labels` selects one of the mistakes in
+    `LABEL_MODES` instead). `peft_config` defaults to `lora_config()`; TRL wraps the model
+    with it. `callbacks` are transformers `TrainerCallback`s added to the run. Seeded: on
+    the CPU two runs with the same arguments give the same loss at every step. Returns the
+    trained trainer: `trainer.model` is the PEFT model, `loss_history(trainer)` the loss
+    per step.
 
     >>> trainer = train_sft(model, tokenizer, chats, output_dir="out")  # doctest: +SKIP
     """
@@ -251,7 +264,7 @@ def train_sft(
         args = sft_config(
             output_dir, max_length=max_length, max_steps=max_steps, batch_size=batch_size,
             learning_rate=learning_rate, warmup_steps=warmup_steps, lr_scheduler=lr_scheduler,
-            packing=packing, seed=seed,
+            packing=packing, padding_free=padding_free, seed=seed,
             dtype=model.dtype, progress=progress,
         )
         trainer = SFTTrainer(
@@ -260,6 +273,7 @@ def train_sft(
             train_dataset=dataset,
             processing_class=tokenizer,
             peft_config=peft_config if peft_config is not None else lora_config(),
+            callbacks=list(callbacks),
         )
         if not progress:  # without a progress bar, Trainer prints every log line instead
             trainer.remove_callback(PrinterCallback)
@@ -285,6 +299,37 @@ def run_summary(trainer) -> dict:
         "train_tokens": _logged(trainer, "num_tokens")[-1],
         "device": str(trainer.model.device),
     }
+
+
+def step_clock():
+    """A transformers `TrainerCallback` that appends the seconds of each optimizer step
+    (forward, backward, update) to its `seconds` list: pass it to `train_sft(callbacks=...)`."""
+    from transformers import TrainerCallback
+
+    class StepClock(TrainerCallback):
+        def __init__(self) -> None:
+            self.seconds: list[float] = []
+
+        def on_step_begin(self, args, state, control, **kwargs):
+            self.started = time.perf_counter()
+
+        def on_step_end(self, args, state, control, **kwargs):
+            self.seconds.append(time.perf_counter() - self.started)
+
+    return StepClock()
+
+
+def steady_tokens_per_s(trainer, clock) -> float:
+    """Real (non-pad) tokens trained per second, from the second step on: the first pays
+    for allocating buffers, which a short timing would otherwise read as slowness.
+    `clock` is the `step_clock()` the run was given."""
+    cumulative = [entry["num_tokens"] for entry in trainer.state.log_history
+                  if "num_tokens" in entry and "loss" in entry]
+    per_step = [b - a for a, b in zip([0.0, *cumulative[:-1]], cumulative, strict=True)]
+    if len(per_step) < 2 or len(clock.seconds) != len(per_step):
+        raise ValueError(f"need a clock of every step and at least 2 steps; got "
+                         f"{len(clock.seconds)} timed of {len(per_step)} logged")
+    return sum(per_step[1:]) / sum(clock.seconds[1:])
 
 
 # --- the cached course adapter ------------------------------------------------------------

@@ -153,6 +153,30 @@ def test_packing_concatenates_with_per_sequence_positions(tmp_path):
     assert all(torch.isfinite(torch.tensor(loss_history(trainer))))
 
 
+def test_padding_free_batches_have_no_pads_and_the_padded_loss(tmp_path):
+    padded = train_tiny(tmp_path / "padded", padding_free=False, batch_size=4)
+    free = train_tiny(tmp_path / "free", batch_size=4)
+    rows = next(iter(free.get_train_dataloader()))
+    assert rows["input_ids"].shape[0] == 1 and "attention_mask" not in rows
+    assert (rows["position_ids"][0] == 0).sum() == 4  # four conversations, one row, no pads
+    padded_rows = next(iter(padded.get_train_dataloader()))
+    assert padded_rows["input_ids"].shape[0] == 4
+    assert padded_rows["attention_mask"].sum() == rows["input_ids"].shape[1]  # the same tokens
+    assert loss_history(free) == pytest.approx(loss_history(padded), abs=1e-4)
+
+
+def test_makefile_exports_the_allocator_settings_the_training_bench_reads():
+    import importlib.util
+
+    path = DATA_DIR.parents[1] / "bench" / "training_speed.py"
+    spec = importlib.util.spec_from_file_location("training_speed", path)
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    settings = bench.allocator_settings()
+    assert set(settings) == {"MALLOC_MMAP_THRESHOLD_", "MALLOC_TRIM_THRESHOLD_"}
+    assert all(int(value) >= 2**30 for value in settings.values())
+
+
 def test_adapter_key_follows_config_and_data(tmp_path):
     config = training.RECIPE
     assert adapter_key(config) == adapter_key(recipe_with())
