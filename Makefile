@@ -11,9 +11,9 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 # glibc's malloc, for every process the targets below start (notebooks and tests included):
 # keep freed memory for reuse instead of handing each large block back to the system and
-# mapping it anew at the next training step (page faults on every page). Training steps
-# run about 1.2x faster on the reference CPU (bench/training_speed.py measures it); a
-# process's resident memory stays at its peak.
+# mapping it anew at the next training step (page faults on every page). Padding-free
+# batches of four train faster with them (bench/training_speed.py measures it side by
+# side); a process's resident memory stays at its peak.
 export MALLOC_MMAP_THRESHOLD_ := 4294967296
 export MALLOC_TRIM_THRESHOLD_ := 17179869184
 # Jupyter refuses to start as root (containers, CI) unless told it is intended.

@@ -101,17 +101,17 @@ def main() -> None:
         parser.error(f"the recipe's batch size is {batch}: padding has nothing to remove "
                      "at 1, and --conversations must be a multiple of it")
     kept = allocator_settings()
-    runs = {  # (batch, collation, allocator) -> result
-        (batch, "padded", "glibc defaults"): {},
-        (batch, "padding-free", "glibc defaults"): {},
-        (batch, "padding-free", "freed memory kept"): {},
-        (1, "one conversation", "glibc defaults"): {},
-        (1, "one conversation", "freed memory kept"): {},
-    }
-    for key in runs:
-        size, collation, allocator = key
-        runs[key] = in_process(args.conversations, size, collation == "padding-free",
-                               kept if allocator == "freed memory kept" else {})
+    settings = [  # (batch, collation, allocator)
+        (batch, "padded", "glibc defaults"),
+        (batch, "padding-free", "glibc defaults"),
+        (batch, "padding-free", "freed memory kept"),
+        (1, "one conversation", "glibc defaults"),
+        (1, "one conversation", "freed memory kept"),
+    ]
+    runs = {(size, collation, allocator): in_process(
+                args.conversations, size, collation == "padding-free",
+                kept if allocator == "freed memory kept" else {})
+            for size, collation, allocator in settings}
     earlier = runs[batch, "padded", "glibc defaults"]["tokens_per_s"]
     print(f"{args.conversations} conversations per run, the course recipe otherwise "
           f"(allocator settings kept: {', '.join(f'{k}={v}' for k, v in kept.items())})")
