@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import bitsandbytes.backends.default.ops as bnb_default_ops
 import bitsandbytes.functional as bnbf
 import pytest
 import torch
@@ -69,15 +70,30 @@ def test_codes_bytes_and_absmax_equal_bitsandbytes(shape, dtype):
     assert torch.equal(unpack_4bit(packed, w.numel()), codes)
 
 
+def avx512_kernel_misplaces_scales(shape: tuple[int, ...], blocksize: int = 64) -> bool:
+    """bitsandbytes 0.50's AVX-512 CPU kernel gives wrong values (scales of the wrong block)
+    when a row of a 2-D tensor ends half-way through a block, e.g. rows of 96 values with
+    blocks of 64, and the tensor holds more than one block; other CPUs run a correct path."""
+    return (torch.backends.cpu.get_cpu_capability() == "AVX512" and len(shape) == 2
+            and shape[-1] % blocksize == blocksize // 2 and shape[0] * shape[1] > blocksize)
+
+
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("shape", SHAPES, ids=str)
-def test_dequantized_values_equal_bitsandbytes(shape, dtype):
+def test_dequantized_values_equal_bitsandbytes(shape, dtype, request):
     w = torch.randn(shape, generator=torch.Generator().manual_seed(1), dtype=dtype)
     packed, state = bnb_nf4(w)
     ours = dequantize_nf4(*quantize_nf4(w), shape)
     assert ours.dtype == torch.float32 and ours.shape == shape
-    # bitsandbytes computes in float32 and rounds to the input dtype at the end (its CPU
-    # kernel returns a 1-D tensor as shape (1, n), hence the reshape).
+    # bitsandbytes' own PyTorch implementation (what its CPU backend falls back to), on
+    # every CPU: it computes in float32 and rounds to the input dtype at the end.
+    reference = bnb_default_ops._dequantize_4bit_compute(
+        packed.reshape(-1), state.absmax, state.code, state.blocksize, shape, dtype)
+    assert torch.equal(ours.to(dtype), reference)
+    if avx512_kernel_misplaces_scales(shape):
+        request.applymarker(pytest.mark.xfail(
+            strict=True, reason="bitsandbytes 0.50's AVX-512 dequantize_4bit is wrong here"))
+    # Its native CPU kernel returns a 1-D tensor as shape (1, n), hence the reshape.
     assert torch.equal(ours.to(dtype), bnbf.dequantize_4bit(packed, state).reshape(shape))
 
 
