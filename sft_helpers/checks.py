@@ -704,7 +704,7 @@ def check_both_right(results, eval_rows, answer: float) -> None:
     from sft_helpers.triage import triage_scores
 
     scores = triage_scores(results, eval_rows)
-    expected, valid = scores["both right"], scores["valid JSON"]
+    expected, valid = scores["both right"]["rate"], scores["valid JSON"]["rate"]
     if abs(answer - valid) < 1e-9 and abs(valid - expected) > 1e-9:
         _reject("that is the share of valid JSON replies; a valid reply can still "
                 "have the wrong labels.")

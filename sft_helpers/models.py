@@ -515,6 +515,34 @@ def nf4_config(compute_dtype: torch.dtype):
     )
 
 
+def dequantized(model):
+    """`model` (loaded with `quantization="nf4"`) with each 4-bit layer replaced by a plain
+    float layer holding its dequantized weights: the weights a QLoRA adapter was trained
+    against, so an adapter merged into them computes what it computed on the 4-bit model.
+    It is transformers' `model.dequantize()`, without its notice of the dtype it kept, after
+    undoing the layout bitsandbytes gives a 4-bit weight on a CPU with AVX512-BF16 at its first
+    inference forward: `dequantize_4bit` reads that layout as the plain one, so without this
+    step a model that has generated once dequantizes to wrong weights."""
+    import bitsandbytes as bnb
+    from bitsandbytes.functional import _convert_weight_packed_for_cpu_inverse
+    from transformers.utils import logging as transformers_logging
+
+    for module in model.modules():
+        if not isinstance(module, bnb.nn.Linear4bit):
+            continue
+        weight = module.weight
+        if getattr(weight.quant_state, "packing_format_for_cpu", False):
+            weight.data, weight.quant_state = _convert_weight_packed_for_cpu_inverse(
+                weight.data, weight.quant_state
+            )
+    verbosity = transformers_logging.get_verbosity()
+    transformers_logging.set_verbosity_error()
+    try:
+        return model.dequantize()
+    finally:
+        transformers_logging.set_verbosity(verbosity)
+
+
 def load_model(
     profile: str = DEFAULT_PROFILE,
     *,

@@ -3,7 +3,10 @@
 The raw support export (`capstone_raw.jsonl`: id, message, category, urgent) is checked row
 by row with `raw_problems`, the clean rows become chat conversations with
 `to_conversation` (the user's message, then the reply `{"category": ..., "urgent": ...}`),
-and a model's replies are scored with `parse_triage` and `triage_scores`.
+and a model's replies are scored with `parse_triage` and `triage_scores`, next to the
+majority-class baseline (`majority_prediction`) and a prompted untrained model
+(`prompted`: instructions and `few_shot_examples`), with `confusion` matrices and the
+precision and recall of `urgent` (`detection`).
 
     >>> triage_reply("bug", True)
     '{"category": "bug", "urgent": true}'
@@ -14,10 +17,14 @@ and a model's replies are scored with `parse_triage` and `triage_scores`.
 from __future__ import annotations
 
 import json
+from collections import Counter
 from collections.abc import Mapping, Sequence
 
+import pandas as pd
+
 from sft_helpers.data import DATA_DIR
-from sft_helpers.generation import stop_rate
+from sft_helpers.evaluation import rate
+from sft_helpers.generation import STOP_EOS
 from sft_helpers.quality import (
     GARBAGE,
     NEAR_DUPLICATE_THRESHOLD,
@@ -129,25 +136,141 @@ def parse_triage(reply: str) -> dict | None:
     return value if _label_problem(value) is None else None
 
 
-def triage_scores(results: Sequence[Mapping], eval_rows: Sequence[Mapping]) -> dict[str, float]:
-    """Fractions over paired `evaluate_sft_model` records and eval rows: "valid JSON"
-    (exactly the schema), "category" and "urgent" (right where valid), "both right" and
-    "stop rate" (the model closed its turn).
+# The prompting baseline: the task as the data card defines it, in a system message.
+TRIAGE_INSTRUCTIONS = (
+    "You triage customer messages for PedalShare, a bike-sharing app. Reply with one line "
+    'of JSON and nothing else: {"category": CATEGORY, "urgent": URGENT}. CATEGORY is '
+    '"billing" (charges, refunds, prices, payment methods, subscriptions), "bug" (the app, '
+    'a bike or a dock misbehaving), "account" (login, password, email, phone, deletion, '
+    'verification), "feature" (suggestions and requests) or "other" (anything else). '
+    "URGENT is true when the customer is blocked right now, money is being lost right now "
+    "or safety is at stake, and false otherwise; a feature request is never urgent."
+)
+
+
+def few_shot_examples(rows: Sequence[Mapping]) -> list[Mapping]:
+    """The first of `rows` (the training rows) for each (category, urgent) pair that occurs,
+    in `TRIAGE_CATEGORIES` order, urgent first: one worked example of every kind of answer."""
+    if not rows:
+        raise ValueError("few_shot_examples of no rows: pass the training rows")
+    chosen = {}
+    for row in rows:
+        chosen.setdefault((row["category"], row["urgent"]), row)
+    return [chosen[key] for key in sorted(
+        chosen, key=lambda key: (TRIAGE_CATEGORIES.index(key[0]), not key[1]))]
+
+
+def prompted(message: str, examples: Sequence[Mapping]) -> dict:
+    """An `evaluate_sft_model` item that asks an untrained model for the triage: the
+    instructions as the system message, each example as a user turn and its triage reply,
+    then `message`.
+
+    >>> [m["role"] for m in prompted("Hi", [{"message": "Ok", "category": "other",
+    ...                                      "urgent": False}])["messages"]]
+    ['system', 'user', 'assistant', 'user']
     """
-    if len(results) != len(eval_rows) or not results:
-        raise ValueError(f"pair each of the {len(eval_rows)} eval rows with one result, "
-                         f"got {len(results)}")
-    parsed = [parse_triage(r["generated"]) for r in results]
-    right = [
-        (p is not None and p["category"] == row["category"],
-         p is not None and p["urgent"] == row["urgent"])
-        for p, row in zip(parsed, eval_rows, strict=True)
-    ]
-    n = len(results)
+    shots = [m for row in examples for m in to_conversation(row)]
+    return {"messages": [{"role": "system", "content": TRIAGE_INSTRUCTIONS}, *shots,
+                         {"role": "user", "content": message.strip()}]}
+
+
+def predictions(results: Sequence[Mapping]) -> list[dict | None]:
+    """`parse_triage` of each `evaluate_sft_model` record's reply (None where invalid)."""
+    return [parse_triage(r["generated"]) for r in results]
+
+
+def majority_prediction(rows: Sequence[Mapping]) -> dict:
+    """The majority-class baseline: the most common category and the most common urgency
+    of `rows` (the training rows), as one prediction to give every message. Ties go to
+    the category listed first in `TRIAGE_CATEGORIES`, and to `False`.
+
+    >>> majority_prediction([{"category": "bug", "urgent": True},
+    ...                      {"category": "bug", "urgent": False},
+    ...                      {"category": "other", "urgent": False}])
+    {'category': 'bug', 'urgent': False}
+    """
+    if not rows:
+        raise ValueError("majority_prediction of no rows: pass the training rows")
+    for row in rows:
+        problem = _label_problem(row)
+        if problem is not None:
+            raise ValueError(f"row {row.get('id')!r}: {problem}")
+    categories = Counter(row["category"] for row in rows)
+    urgent = Counter(row["urgent"] for row in rows)
     return {
-        "valid JSON": sum(p is not None for p in parsed) / n,
-        "category": sum(c for c, _ in right) / n,
-        "urgent": sum(u for _, u in right) / n,
-        "both right": sum(c and u for c, u in right) / n,
-        "stop rate": stop_rate(results),
+        "category": max(TRIAGE_CATEGORIES, key=categories.__getitem__),  # the first of a tie
+        "urgent": urgent[True] > urgent[False],
+    }
+
+
+def _check_paired(predicted: Sequence, eval_rows: Sequence[Mapping]) -> None:
+    if len(predicted) != len(eval_rows) or not eval_rows:
+        raise ValueError(f"pair each of the {len(eval_rows)} eval rows with one prediction, "
+                         f"got {len(predicted)}")
+
+
+def outcomes(predicted: Sequence[Mapping | None], eval_rows: Sequence[Mapping]) -> dict:
+    """Per eval row, whether the prediction (a `parse_triage` result, None when invalid) is
+    "valid JSON", has the right "category" and "urgent", and "both right"; lists of bools
+    in eval order, for rates and for paired comparisons (`evaluation.paired_difference`)."""
+    _check_paired(predicted, eval_rows)
+    found = {"valid JSON": [], "category": [], "urgent": [], "both right": []}
+    for p, row in zip(predicted, eval_rows, strict=True):
+        category = p is not None and p["category"] == row["category"]
+        urgent = p is not None and p["urgent"] == row["urgent"]
+        for name, value in (("valid JSON", p is not None), ("category", category),
+                            ("urgent", urgent), ("both right", category and urgent)):
+            found[name].append(value)
+    return found
+
+
+def prediction_rates(predicted: Sequence[Mapping | None],
+                     eval_rows: Sequence[Mapping]) -> dict[str, dict]:
+    """Each of the `outcomes` as k of n with its 95% interval (`evaluation.rate`): the
+    scores of any predictor, a model's parsed replies or a baseline's answers."""
+    return {name: rate(sum(values), len(values))
+            for name, values in outcomes(predicted, eval_rows).items()}
+
+
+def triage_scores(results: Sequence[Mapping], eval_rows: Sequence[Mapping]) -> dict[str, dict]:
+    """A model's rates over paired `evaluate_sft_model` records and eval rows: "valid
+    JSON" (exactly the schema), "category" and "urgent" (right; an invalid reply is wrong),
+    "both right" (`prediction_rates`) and "stop rate" (the model closed its turn)."""
+    table = prediction_rates(predictions(results), eval_rows)
+    stopped = sum(r["stop_reason"] == STOP_EOS for r in results)
+    return {**table, "stop rate": rate(stopped, len(results))}
+
+
+def confusion(predicted: Sequence[Mapping | None], eval_rows: Sequence[Mapping],
+              field: str = "category") -> pd.DataFrame:
+    """Counts of (true value, predicted value) for `field` ("category" or "urgent"): one row
+    per true value, one column per predicted value plus "invalid" (no valid JSON). The
+    diagonal holds the right answers; a row sums to the eval rows with that value."""
+    _check_paired(predicted, eval_rows)
+    values = {"category": list(TRIAGE_CATEGORIES), "urgent": [True, False]}.get(field)
+    if values is None:
+        raise ValueError(f"field must be 'category' or 'urgent', not {field!r}")
+    table = pd.DataFrame(0, index=pd.Index(values, name=f"true {field}"),
+                         columns=pd.Index([*values, "invalid"], name="predicted"))
+    for p, row in zip(predicted, eval_rows, strict=True):
+        table.loc[row[field], "invalid" if p is None else p[field]] += 1
+    return table
+
+
+def detection(predicted: Sequence[Mapping | None], eval_rows: Sequence[Mapping],
+              field: str = "urgent", positive=True) -> dict:
+    """Precision, recall and F1 of predicting `field == positive`, read off `confusion`:
+    precision is the share of the messages called positive that are (a `rate`, None when
+    none is called positive), recall the share of the positive messages that are called
+    positive (an invalid reply is a miss), F1 their harmonic mean, 2 TP / (2 TP + FP + FN)."""
+    table = confusion(predicted, eval_rows, field)
+    if positive not in table.index:
+        raise ValueError(f"{positive!r} is not a value of {field!r}")
+    tp = int(table.loc[positive, positive])
+    called = int(table[positive].sum())
+    actual = int(table.loc[positive].sum())
+    return {
+        "precision": rate(tp, called) if called else None,
+        "recall": rate(tp, actual) if actual else None,
+        "f1": 2 * tp / (called + actual) if called + actual else None,
     }

@@ -144,6 +144,25 @@ def test_nf4_profile_is_4bit_with_double_quant():
     assert torch.isfinite(logits).all()
 
 
+def test_a_dequantized_nf4_model_is_plain_float_and_computes_the_same(capsys):
+    # The forward pass before dequantizing matters: on a CPU with AVX512-BF16 it is when
+    # bitsandbytes moves each 4-bit weight into the layout of its fast kernel.
+    import bitsandbytes as bnb
+
+    model, _ = load_model("tiny", quantization="nf4")
+    model.eval()
+    ids = torch.tensor([[1, 2, 3, 4]])
+    with torch.no_grad():
+        expected = model(ids).logits
+        plain = models.dequantized(model)
+        assert not any(isinstance(m, bnb.nn.Linear4bit) for m in plain.modules())
+        layer = plain.model.layers[0].self_attn.q_proj
+        assert type(layer) is torch.nn.Linear and layer.weight.dtype == torch.float32
+        # 1e-2: that fast kernel multiplies in bfloat16; wrong weights move logits by about 1.
+        torch.testing.assert_close(plain(ids).logits, expected, atol=1e-2, rtol=0)
+    assert "dequantized" not in capsys.readouterr().err
+
+
 def test_describe_profile_hides_the_home_folder():
     info = models.describe_profile(DEFAULT_PROFILE)
     assert info["profile"] == DEFAULT_PROFILE

@@ -55,6 +55,17 @@ def test_seed_everything_repeats_random_numbers():
     assert torch.equal(first, torch.rand(4))
 
 
+def test_setup_hides_only_the_optional_kernel_notice(caplog):
+    import logging
+
+    environment.setup("tiny", seed=1)
+    ops = logging.getLogger("bitsandbytes.backends.cpu.ops")
+    with caplog.at_level(logging.WARNING, logger=ops.name):
+        ops.warning(environment.OPTIONAL_KERNEL_NOTICE + " from kernels-community: no module")
+        ops.warning("some other bitsandbytes problem")
+    assert [r.getMessage() for r in caplog.records] == ["some other bitsandbytes problem"]
+
+
 def test_setup_reports_versions_and_profile(capsys):
     report = environment.setup("tiny", seed=1)
     printed = capsys.readouterr().out
