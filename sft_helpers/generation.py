@@ -222,6 +222,11 @@ def evaluate_sft_model(
     return records
 
 
+def stop_count(results: Sequence[Mapping]) -> int:
+    """The number of replies in which the model closed its turn by itself."""
+    return sum(r["stop_reason"] == STOP_EOS for r in results)
+
+
 def stop_rate(results: Sequence[Mapping]) -> float:
     """The fraction of replies in which the model closed its turn by itself.
 
@@ -230,4 +235,4 @@ def stop_rate(results: Sequence[Mapping]) -> float:
     """
     if not results:
         raise ValueError("stop_rate of no results")
-    return sum(r["stop_reason"] == STOP_EOS for r in results) / len(results)
+    return stop_count(results) / len(results)

@@ -24,7 +24,7 @@ import pandas as pd
 
 from sft_helpers.data import DATA_DIR
 from sft_helpers.evaluation import rate
-from sft_helpers.generation import STOP_EOS
+from sft_helpers.generation import stop_count
 from sft_helpers.quality import (
     GARBAGE,
     NEAR_DUPLICATE_THRESHOLD,
@@ -237,8 +237,7 @@ def triage_scores(results: Sequence[Mapping], eval_rows: Sequence[Mapping]) -> d
     JSON" (exactly the schema), "category" and "urgent" (right; an invalid reply is wrong),
     "both right" (`prediction_rates`) and "stop rate" (the model closed its turn)."""
     table = prediction_rates(predictions(results), eval_rows)
-    stopped = sum(r["stop_reason"] == STOP_EOS for r in results)
-    return {**table, "stop rate": rate(stopped, len(results))}
+    return {**table, "stop rate": rate(stop_count(results), len(results))}
 
 
 def confusion(predicted: Sequence[Mapping | None], eval_rows: Sequence[Mapping],
