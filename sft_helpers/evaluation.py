@@ -13,10 +13,13 @@ are the two sanity checks to run before believing any judge.
 
 from __future__ import annotations
 
+import hashlib
+import json
 import math
 import re
 import string
 from collections.abc import Callable, Mapping, Sequence
+from pathlib import Path
 from statistics import NormalDist
 
 import pandas as pd
@@ -31,6 +34,7 @@ from sft_helpers.generation import (
     stop_rate,
 )
 from sft_helpers.masking import IGNORE_INDEX, pad_batch, tokenize_with_masking
+from sft_helpers.models import cached_entry, weights_digest
 
 _PUNCTUATION = str.maketrans("", "", string.punctuation)
 _WORD = re.compile(r"\w+")
@@ -52,6 +56,8 @@ REPLY_METRICS = ("opening", "stopped", "loops", "house_style", "persona", "compl
 # New tokens for a whole reply: the longest reply in the course data has 123 tokens, so a
 # reply that has not ended after 160 is not going to.
 REPLY_TOKENS = 160
+# Cached greedy replies: the cache entry `replies-<key>` holds this file.
+REPLIES_PREFIX, REPLIES_FILE = "replies", "replies.json"
 # A judge maps rubric prompts to P(the answer in position A is the better one).
 Judge = Callable[[Sequence[str]], list[float]]
 
@@ -377,6 +383,16 @@ def with_system(records: Sequence[Mapping], system: str | None) -> list[dict]:
     return [{**r, "messages": head + list(r["messages"])} for r in records]
 
 
+def replies_key(model, tokenizer, records: Sequence[Mapping], settings: Mapping) -> str:
+    """The cache key of greedy replies: a digest of the model's weights, its chat template,
+    the records and the generation `settings`. Anything that can change a reply changes it.
+    """
+    content = {"weights": weights_digest(model), "template": tokenizer.chat_template,
+               "records": list(records), "settings": dict(settings)}
+    payload = json.dumps(content, sort_keys=True, default=str)
+    return hashlib.sha256(payload.encode()).hexdigest()[:16]
+
+
 def measure_compliance(
     model,
     tokenizer,
@@ -386,6 +402,7 @@ def measure_compliance(
     system: str | None = None,
     batch_size: int = BATCH_SIZE,
     progress: bool = True,
+    cache: bool = True,
 ) -> tuple[dict[str, dict], list[dict]]:
     """`(score_table(results), results)`: `model`'s greedy replies to the eval `records`
     (whose `messages` end with the user turn), in the records' order, scored whole.
@@ -394,12 +411,31 @@ def measure_compliance(
     that does not stop within it has failed to stop. `system` puts a system message first
     (`with_system`; None: the chat template's own default).
 
+    Greedy replies are a function of the weights, the prompts and the settings, so with
+    `cache=True` they are kept in the course cache under `replies_key`: notebook 07 reads
+    the replies that notebook 03 generated for the same model instead of generating them
+    again. `cache=False` always generates.
+
     >>> table, results = measure_compliance(model, tokenizer, read_split("eval"))  # doctest: +SKIP
     """
-    results = evaluate_sft_model(
-        model, tokenizer, with_system(records, system), max_new_tokens=max_new_tokens,
-        do_sample=False, batch_size=batch_size, progress=progress,
-    )
+    prompts = with_system(records, system)
+
+    def generate() -> list[dict]:
+        return evaluate_sft_model(
+            model, tokenizer, prompts, max_new_tokens=max_new_tokens, do_sample=False,
+            batch_size=batch_size, progress=progress,
+        )
+
+    if not cache:
+        results = generate()
+    else:
+        key = replies_key(model, tokenizer, prompts, {"max_new_tokens": max_new_tokens})
+
+        def build(folder: Path) -> None:
+            (folder / REPLIES_FILE).write_text(json.dumps(generate()))
+
+        entry = cached_entry(f"{REPLIES_PREFIX}-{key}", build)
+        results = json.loads((entry / REPLIES_FILE).read_text())
     return score_table(results), results
 
 
@@ -443,7 +479,8 @@ def model_judge(model, tokenizer, *, batch_size: int = 8) -> Judge:
         for start in range(0, len(texts), batch_size):
             inputs = left_padded(tokenizer, texts[start:start + batch_size], model.device)
             with torch.no_grad():
-                logits = model(**inputs).logits[:, -1, letters.to(model.device)].float()
+                logits = model(**inputs, logits_to_keep=1).logits[:, -1, letters.to(model.device)]
+            logits = logits.float()
             scores += logits.softmax(-1)[:, 0].tolist()
         return scores
 
@@ -476,11 +513,13 @@ def position_bias(
 
     Returns `first_wins` (mean probability given to whichever answer is shown first: 0.5
     for a fair judge, 1.0 for one that always picks the first slot), `consistency` (the
-    fraction of pairs whose verdict survives the swap) and `p_a` (P(A better) per pair,
-    averaged over both orders, which cancels a constant slot preference).
+    fraction of pairs whose verdict survives the swap), `p_a` (P(A better) per pair,
+    averaged over both orders, which cancels a constant slot preference), and the judge's
+    raw verdicts: `a_first` (P(A better), A shown first) and `b_first` (P(B better), B
+    shown first).
 
     >>> position_bias(lambda prompts: [0.9] * len(prompts), ["q"], ["a"], ["b"])
-    {'first_wins': 0.9, 'consistency': 0.0, 'p_a': [0.5]}
+    {'first_wins': 0.9, 'consistency': 0.0, 'p_a': [0.5], 'a_first': [0.9], 'b_first': [0.9]}
     """
     a_first = judge_pairs(judge, instructions, answers_a, answers_b)
     b_first = judge_pairs(judge, instructions, answers_b, answers_a)
@@ -490,6 +529,7 @@ def position_bias(
         "first_wins": _mean(a_first + b_first),
         "consistency": _mean([float(c) for c in consistent]),
         "p_a": [(p + q) / 2 for p, q in zip(a_first, a_wins_swapped, strict=True)],
+        "a_first": a_first, "b_first": b_first,
     }
 
 

@@ -194,6 +194,19 @@ def cache_is_valid(directory: Path) -> bool:
     return not entry_problems(directory)
 
 
+def weights_digest(model) -> str:
+    """A SHA-256 hex digest of `model`'s weights: every tensor of its state dict, by name,
+    dtype, shape and bytes. Equal weights give equal digests, a changed value a different
+    one; `sft_helpers.evaluation.measure_compliance` keys its cached replies with it.
+    """
+    digest = hashlib.sha256()
+    for name, tensor in sorted(model.state_dict().items()):
+        data = tensor.detach().cpu().contiguous()
+        digest.update(f"{name}|{data.dtype}|{tuple(data.shape)}|".encode())
+        digest.update(data.reshape(-1).view(torch.uint8).numpy())
+    return digest.hexdigest()
+
+
 def cached_entry(name: str, build: Callable[[Path], None], *, rebuild: bool = False) -> Path:
     """The cache folder `name`, built by `build(folder)` unless a valid copy exists.
 

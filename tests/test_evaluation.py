@@ -10,6 +10,7 @@ import torch
 
 from sft_helpers import evaluation as ev
 from sft_helpers import generation as gen
+from sft_helpers import models
 from sft_helpers.data import is_refusal
 from sft_helpers.models import load_model
 
@@ -304,6 +305,7 @@ def test_position_bias_catches_a_judge_that_picks_the_first_slot():
     assert bias["first_wins"] == 1.0
     assert bias["consistency"] == 0.0
     assert bias["p_a"] == [0.5, 0.5, 0.5]
+    assert bias["a_first"] == bias["b_first"] == [1.0, 1.0, 1.0]
 
 
 def test_position_bias_passes_a_judge_that_reads_the_answers():
@@ -311,6 +313,7 @@ def test_position_bias_passes_a_judge_that_reads_the_answers():
     assert bias["first_wins"] == 0.5
     assert bias["consistency"] == 1.0
     assert bias["p_a"] == [1.0, 1.0, 1.0]
+    assert bias["a_first"] == [1.0, 1.0, 1.0] and bias["b_first"] == [0.0, 0.0, 0.0]
 
 
 def test_judge_agreement_counts_only_pairs_the_metric_decides():
@@ -434,3 +437,58 @@ def test_reply_scores_judge_the_whole_reply_and_the_stop():
         "persona": (1, 1), "compliant": (2, 4)}
     assert table["house_style"]["ci"] == ev.proportion_ci(2, 4)
     assert ev.format_rate(table["house_style"]) == "2/4 = 50% [15, 85]"
+
+
+# --- cached replies ----------------------------------------------------------------------
+
+EVAL_RECORDS = [
+    {"id": "e1", "category": "factual", "messages": [{"role": "user", "content": "Hi"}],
+     "reference": "Hello."},
+    {"id": "e2", "category": "identity",
+     "messages": [{"role": "user", "content": "Who are you?"}], "reference": "I'm Pip."},
+]
+
+
+def _no_generation(*args, **kwargs):
+    raise AssertionError("generated although the replies are cached")
+
+
+def test_weights_digest_follows_the_weights(tiny):
+    model, _ = tiny
+    weight = model.get_input_embeddings().weight
+    before = models.weights_digest(model)
+    assert models.weights_digest(model) == before
+    with torch.no_grad():
+        weight[0, 0] += 1e-3
+        changed = models.weights_digest(model)
+        weight[0, 0] -= 1e-3
+    assert changed != before
+    assert models.weights_digest(model) == before
+
+
+def test_measure_compliance_reads_cached_replies(tiny, fresh_cache, monkeypatch):
+    model, tokenizer = tiny
+    options = {"max_new_tokens": 6, "progress": False}
+    table, results = ev.measure_compliance(model, tokenizer, EVAL_RECORDS, **options)
+    assert len(list(fresh_cache.glob(f"{ev.REPLIES_PREFIX}-*"))) == 1
+    monkeypatch.setattr(ev, "evaluate_sft_model", _no_generation)
+    assert ev.measure_compliance(model, tokenizer, EVAL_RECORDS, **options) == (table, results)
+    # Anything that can change a reply is part of the key: a setting, a prompt, a weight.
+    for call in (
+        lambda: ev.measure_compliance(model, tokenizer, EVAL_RECORDS, max_new_tokens=7,
+                                      progress=False),
+        lambda: ev.measure_compliance(model, tokenizer, EVAL_RECORDS, system="Be brief.",
+                                      **options),
+        lambda: ev.measure_compliance(model, tokenizer, EVAL_RECORDS[:1], **options),
+        lambda: ev.measure_compliance(model, tokenizer, EVAL_RECORDS, cache=False, **options),
+    ):
+        with pytest.raises(AssertionError, match="generated although"):
+            call()
+    weight = model.get_input_embeddings().weight
+    with torch.no_grad():
+        weight[0, 0] += 1e-3
+        try:
+            with pytest.raises(AssertionError, match="generated although"):
+                ev.measure_compliance(model, tokenizer, EVAL_RECORDS, **options)
+        finally:
+            weight[0, 0] -= 1e-3
