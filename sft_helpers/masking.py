@@ -18,7 +18,8 @@ system message moved into another turn) is simply not inside a span.
 `naive_tokenize_with_masking` keeps the prefix loop that many tutorials use, to show what
 goes wrong with it (it trains only the last assistant turn). `mask_dataset` builds a
 dataset and drops the examples that truncation leaves with nothing to train; `pad_batch`
-pads a batch without losing the EOS label when the pad token is the EOS token.
+pads a batch without losing the EOS label when the pad token is the EOS token;
+`trained_token_count` is the loss normaliser of gradient accumulation.
 """
 
 from __future__ import annotations
@@ -361,3 +362,31 @@ def pad_batch(
             rows.append(torch.cat([row, pad] if padding_side == "right" else [pad, row]))
         batch[key] = torch.stack(rows)
     return batch
+
+
+def trained_token_count(batches: Sequence[Mapping[str, torch.Tensor]]) -> int:
+    """The normaliser of one optimizer step: how many labels the causal-LM loss scores in
+    all of the step's micro-batches (labels not -100, after the shift by one position).
+
+    Dividing each micro-batch's *summed* loss by this count (transformers: pass it as
+    `num_items_in_batch`) makes k accumulated micro-batches give the gradient of one batch
+    of all their examples. Averaging each micro-batch's mean loss instead weights every
+    micro-batch the same, however many tokens it trains.
+
+    >>> t = torch.tensor
+    >>> trained_token_count([{"labels": t([[-100, 5, 6]])}, {"labels": t([[7, -100, 8]])}])
+    3
+    """
+    if not batches:
+        raise ValueError("no micro-batches: one optimizer step needs at least one")
+    count = 0
+    for i, batch in enumerate(batches):
+        labels = torch.as_tensor(batch["labels"])
+        if labels.dim() != 2:
+            raise ValueError(f"micro-batch {i}: labels must be 2-D (batch, sequence), "
+                             f"not of shape {tuple(labels.shape)}")
+        count += int((labels[:, 1:] != IGNORE_INDEX).sum())
+    if count == 0:
+        raise AllMaskedError(f"none of the {len(batches)} micro-batches has a trained label: "
+                             "the step's loss would be NaN")
+    return count

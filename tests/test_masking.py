@@ -19,8 +19,9 @@ from sft_helpers.masking import (
     naive_tokenize_with_masking,
     pad_batch,
     tokenize_with_masking,
+    trained_token_count,
 )
-from sft_helpers.models import load_tokenizer
+from sft_helpers.models import load_model, load_tokenizer
 from sft_helpers.templates import TEMPLATES, with_generation_markers, with_template
 
 TWO_TURNS = [
@@ -395,3 +396,50 @@ def test_same_labels_when_the_rust_tokenizer_has_truncation_set(tokenizer):
     )
     assert all(torch.equal(direct[k], via_wrapper[k]) for k in direct)
     assert wrapped.backend_tokenizer.truncation is None, "the wrapper reset it"
+
+
+# --- gradient accumulation ---------------------------------------------------------------
+
+ACCUMULATED = [
+    TWO_TURNS,
+    [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello there, friend!"}],
+    [{"role": "user", "content": "Name three colours, please."},
+     {"role": "assistant", "content": "Red, green and blue are three colours of the rainbow."}],
+]
+
+
+def _gradients(model, batches, normaliser=None):
+    """The gradient of the summed losses of `batches`: each micro-batch's loss divided by
+    `normaliser` (transformers' `num_items_in_batch`), or its own mean when None."""
+    model.zero_grad()
+    for batch in batches:
+        loss = model(**batch, num_items_in_batch=normaliser).loss
+        (loss if normaliser is not None else loss / len(batches)).backward()
+    return torch.cat([p.grad.flatten() for p in model.parameters() if p.grad is not None])
+
+
+def test_the_normaliser_makes_accumulation_equal_one_batch(tokenizer):
+    model, _ = load_model("tiny")
+    examples = [tokenize_with_masking(c, tokenizer) for c in ACCUMULATED]
+    micro = [pad_batch([e], tokenizer.pad_token_id) for e in examples]
+    assert len({trained_token_count([b]) for b in micro}) == 3  # unequal token counts
+    whole = _gradients(model, [pad_batch(examples, tokenizer.pad_token_id)])
+    accumulated = _gradients(model, micro, trained_token_count(micro))
+    mean_of_means = _gradients(model, micro)
+    assert (accumulated - whole).abs().max() < 1e-6
+    assert (mean_of_means - whole).abs().max() > 100 * (accumulated - whole).abs().max()
+
+
+def test_trained_token_count_counts_after_the_shift():
+    labels = torch.tensor([[3, 4, IGNORE_INDEX], [IGNORE_INDEX, IGNORE_INDEX, 9]])
+    assert trained_token_count([{"labels": labels}]) == 2  # the first position is never scored
+
+
+@pytest.mark.parametrize(("batches", "error", "message"), [
+    ([], ValueError, "no micro-batches"),
+    ([{"labels": torch.tensor([1, 2])}], ValueError, "micro-batch 0: labels must be 2-D"),
+    ([{"labels": torch.tensor([[5, IGNORE_INDEX]])}], AllMaskedError, "would be NaN"),
+])
+def test_trained_token_count_rejects_bad_input(batches, error, message):
+    with pytest.raises(error, match=message):
+        trained_token_count(batches)
