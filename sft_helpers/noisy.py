@@ -33,6 +33,9 @@ DEFECTS = (
     "off_persona",
     "eval_contamination",
 )
+# The defects `inject_defect` plants inside a conversation (the others add rows).
+IN_PLACE_DEFECTS = tuple(d for d in DEFECTS
+                         if d not in ("duplicate", "near_duplicate", "eval_contamination"))
 INJECTED_OPENERS = ("Sure! ", "Certainly! ", "Great question! ", "Absolutely! ", "Of course, ")
 # A generic-assistant reply: no persona, no house style.
 OFF_PERSONA_REPLY = "As an AI language model, I don't have a name, but here is what I know: {}"
@@ -100,9 +103,7 @@ def build_noisy_dataset(
     """
     rng = random.Random(seed)
     rows = [{**ex, "messages": messages_of(ex, i), "defect": CLEAN} for i, ex in enumerate(clean)]
-    in_place = [
-        d for d in DEFECTS if d not in ("duplicate", "near_duplicate", "eval_contamination")
-    ]
+    in_place = IN_PLACE_DEFECTS
     picked = rng.sample(range(len(rows)), per_defect * (len(in_place) + 2))
     for n, i in enumerate(picked[: per_defect * len(in_place)]):
         defect = in_place[n // per_defect]
@@ -139,6 +140,30 @@ def build_noisy_dataset(
             position[copy_item], position[source] = position[source], position[copy_item]
     everything = rows + copies + leaks
     return [everything[item] for item in sorted(position, key=position.get)]
+
+
+def with_defect(clean: Sequence, defect: str, rate: float, seed: int = 0) -> list[dict]:
+    """The clean examples (rows with `messages`) in their order, `defect` planted
+    (`inject_defect`) in a seeded `rate` share of them, each row labelled with its "defect"
+    (`CLEAN` or `defect`). Notebook 06 trains on such a set to see whether the model learns
+    the defect.
+
+    >>> chat = {"messages": [{"role": "user", "content": "Hi?"},
+    ...                      {"role": "assistant", "content": "Hello."}]}
+    >>> [row["defect"] for row in with_defect([chat] * 4, "too_short", 0.5)]
+    ['none', 'too_short', 'none', 'too_short']
+    """
+    if defect not in IN_PLACE_DEFECTS:
+        raise ValueError(f"with_defect plants a defect in place: one of {IN_PLACE_DEFECTS}, "
+                         f"not {defect!r}")
+    if not 0 <= rate <= 1:
+        raise ValueError(f"rate must be a share between 0 and 1, not {rate!r}")
+    rng = random.Random(seed)
+    rows = [{**ex, "messages": messages_of(ex, i), "defect": CLEAN} for i, ex in enumerate(clean)]
+    for i in sorted(rng.sample(range(len(rows)), round(rate * len(rows)))):
+        rows[i] = {**rows[i], "messages": inject_defect(rows[i]["messages"], defect, rng),
+                   "defect": defect}
+    return rows
 
 
 def load_noisy_dataset(path: Path = NOISY_FILE) -> list[dict]:

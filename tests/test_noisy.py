@@ -3,11 +3,13 @@ is a seeded build, and precision/recall count what they say."""
 
 from __future__ import annotations
 
+import copy
 import itertools
 import random
 
 import pytest
 
+from sft_helpers import noisy
 from sft_helpers.data import read_split, write_jsonl
 from sft_helpers.noisy import (
     DEFECTS,
@@ -101,3 +103,27 @@ def test_load_noisy_dataset_names_a_bad_line(tmp_path):
     path.write_text('{"defect": "none"}\n{oops\n')
     with pytest.raises(ValueError, match="line 2: not valid JSON"):
         load_noisy_dataset(path)
+
+
+def test_with_defect_plants_the_defect_in_the_given_share():
+    clean = read_split("train")
+    before = copy.deepcopy(clean)
+    rows = noisy.with_defect(clean, "sycophantic_opener", 0.3, seed=1)
+    assert clean == before  # the input is left untouched
+    planted = [row["defect"] != noisy.CLEAN for row in rows]
+    assert sum(planted) == round(0.3 * len(clean))
+    for row, source, is_planted in zip(rows, clean, planted, strict=True):
+        assert (row["messages"] != source["messages"]) == is_planted
+        assert row["id"] == source["id"]
+        assert ("sycophantic_opener" in quality_report(row["messages"])) == is_planted
+    assert noisy.with_defect(clean, "sycophantic_opener", 0.3, seed=1) == rows
+
+
+@pytest.mark.parametrize(("defect", "rate", "message"), [
+    ("duplicate", 0.3, "plants a defect in place"),
+    ("typo", 0.3, "plants a defect in place"),
+    ("too_short", 1.5, "between 0 and 1"),
+])
+def test_with_defect_rejects_bad_arguments(defect, rate, message):
+    with pytest.raises(ValueError, match=message):
+        noisy.with_defect(read_split("train")[:4], defect, rate)
