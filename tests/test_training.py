@@ -11,7 +11,7 @@ from datasets import Dataset
 from trl import SFTConfig, SFTTrainer
 
 from sft_helpers import training
-from sft_helpers.data import DATA_DIR, SPLIT_FILES, read_split
+from sft_helpers.data import DATA_DIR, SPLIT_FILES, read_split, write_jsonl
 from sft_helpers.masking import IGNORE_INDEX, tokenize_with_masking
 from sft_helpers.models import load_model
 from sft_helpers.templates import with_generation_markers
@@ -250,3 +250,30 @@ def test_merged_model_computes_what_the_adapter_model_computes(fresh_cache):
         base_logits = base(input_ids=ids).logits
     assert torch.allclose(adapted_logits, merged_logits, atol=1e-4)
     assert not torch.allclose(adapted_logits, base_logits, atol=1e-4)  # the adapter does something
+
+
+def _data_dir(folder, rows):
+    write_jsonl(rows, folder / SPLIT_FILES["train"])
+    shutil.copy(DATA_DIR / SPLIT_FILES["eval"], folder / SPLIT_FILES["eval"])
+    return folder
+
+
+def test_course_adapter_trains_on_any_well_formed_conversations(fresh_cache, monkeypatch,
+                                                                tmp_path):
+    # Not in the house style (a planted opener), as notebook 06 trains on.
+    chat = [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Sure! Hello."}]
+    seen = []
+
+    def capture(model, tokenizer, conversations, **kwargs):
+        seen.extend(conversations)
+        raise RuntimeError("captured")
+
+    monkeypatch.setattr(training, "train_sft", capture)
+    with pytest.raises(RuntimeError, match="captured"):
+        course_adapter(profile="tiny", data_dir=_data_dir(tmp_path, [{"messages": chat}]))
+    assert seen == [chat]
+    broken = tmp_path / "broken"
+    broken.mkdir()
+    _data_dir(broken, [{"messages": chat}, {"messages": chat[:1]}])
+    with pytest.raises(ValueError, match=r"course_train.jsonl line 2: .*no assistant message"):
+        course_adapter(profile="tiny", data_dir=broken)
