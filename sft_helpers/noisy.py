@@ -103,16 +103,15 @@ def build_noisy_dataset(
     """
     rng = random.Random(seed)
     rows = [{**ex, "messages": messages_of(ex, i), "defect": CLEAN} for i, ex in enumerate(clean)]
-    in_place = IN_PLACE_DEFECTS
-    picked = rng.sample(range(len(rows)), per_defect * (len(in_place) + 2))
-    for n, i in enumerate(picked[: per_defect * len(in_place)]):
-        defect = in_place[n // per_defect]
+    picked = rng.sample(range(len(rows)), per_defect * (len(IN_PLACE_DEFECTS) + 2))
+    for n, i in enumerate(picked[: per_defect * len(IN_PLACE_DEFECTS)]):
+        defect = IN_PLACE_DEFECTS[n // per_defect]
         rows[i] = {
             **rows[i],
             "messages": inject_defect(rows[i]["messages"], defect, rng),
             "defect": defect,
         }
-    sources = picked[per_defect * len(in_place) :]  # clean rows that get a copy
+    sources = picked[per_defect * len(IN_PLACE_DEFECTS) :]  # clean rows that get a copy
     copies = []
     for n, i in enumerate(sources):
         defect = "duplicate" if n < per_defect else "near_duplicate"
