@@ -94,7 +94,8 @@ def main(argv: list[str] | None = None) -> int:
     config = load_config(args.model)
     dtype = DTYPES[args.dtype]
     estimate = estimate_memory(config, "qlora", lora_r=args.r, batch_size=args.batch,
-                               seq_len=args.seq_len, compute_dtype=dtype)
+                               seq_len=args.seq_len, compute_dtype=dtype,
+                               adapter_dtype=torch.float32)  # plain PEFT, not TRL
     print(format_estimate(estimate, f"estimate: {args.model}, QLoRA r={args.r}, batch "
                                     f"{args.batch} x {args.seq_len}, {args.dtype}"))
     model = build_qlora(config, dtype, args.r, args.device)

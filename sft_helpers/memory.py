@@ -1,6 +1,6 @@
 """How much memory fine-tuning takes: full fine-tuning, LoRA and QLoRA, itemized, from a config.
 
-`estimate_memory(config, method)` adds up six parts, in bytes:
+`estimate_memory(config, method)` adds up seven parts, in bytes:
 
 - weights: the base model. full and lora: every parameter in `compute_dtype`. qlora: the
   linear layers of the decoder blocks packed two 4-bit codes per byte; everything else
@@ -10,12 +10,21 @@
 - quant_constants (qlora): per quantized matrix of n weights, bitsandbytes keeps one absmax
   per block of 64 (float32; with `double_quant`, uint8 plus one float32 per 256 blocks and a
   float32 offset) and its lookup tables (16 float32, plus 256 float32 with `double_quant`).
-- adapters (lora, qlora): the LoRA parameters, in float32 (PEFT's default
-  `autocast_adapter_dtype=True`).
+- adapters (lora, qlora): the LoRA parameters, in the dtype TRL's `SFTTrainer` leaves them
+  in (`TRL_ADAPTER_DTYPES`: PEFT's float32 on a plain base, bfloat16 on a 4-bit one), or
+  `adapter_dtype`.
+- master_weights (full, `mixed_precision`): a float32 copy of every parameter, which the
+  optimizer updates; the `compute_dtype` weights are rounded from it after each step.
 - gradients: one per trainable parameter, in that parameter's dtype.
 - optimizer_states: AdamW keeps 2 tensors per trainable parameter (torch's AdamW in the
-  parameter's dtype), SGD none.
+  parameter's dtype; float32 with `mixed_precision`), SGD none.
 - activations: see `activation_bytes`.
+
+Full fine-tuning in bf16 takes 16 bytes per parameter with `mixed_precision`, counted as
+DeepSpeed splits them: 2 for the weights, 2 for the gradients, 4 for the master weights, 8
+for AdamW. FSDP's mixed precision, and a float32 model trained under bf16 autocast, keep
+float32 weights and gradients instead: 4 + 4 + 8, the same 16. Without `mixed_precision`
+everything is in bf16, 8 bytes per parameter: the Trainer on a model loaded in bf16.
 
 What it leaves out: the CUDA context and kernels' workspaces (a few hundred MB), allocator
 fragmentation, and transient buffers other than the logits' gradient.
@@ -23,7 +32,7 @@ fragmentation, and transient buffers other than the logits' gradient.
     >>> from sft_helpers.architectures import load_config
     >>> estimate = estimate_memory(load_config("llama-3-8b"), "qlora")
     >>> round(estimate.weights / 1e9, 2), round(estimate.total / 1e9, 1)
-    (7.69, 13.5)
+    (7.69, 13.3)
 
 Run `python -m sft_helpers.memory --model llama-3-70b --method qlora` for the table.
 """
@@ -52,9 +61,11 @@ from sft_helpers.lora import (
 from sft_helpers.quant import BLOCKSIZE, DOUBLE_QUANT_BLOCKSIZE
 
 METHODS = ("full", "lora", "qlora")
-# Tensors an optimizer keeps per trainable parameter, each the parameter's size and dtype.
+# Tensors an optimizer keeps per trainable parameter, each the parameter's size.
 OPTIMIZER_STATES = {"adamw": 2, "sgd": 0}
-ADAPTER_BYTES = 4  # PEFT keeps LoRA weights in float32
+# The LoRA weights' dtype after the pinned TRL's SFTTrainer has wrapped the model: PEFT's
+# default float32 (autocast_adapter_dtype=True), cast to bfloat16 when the base is quantized.
+TRL_ADAPTER_DTYPES = {"lora": torch.float32, "qlora": torch.bfloat16}
 FLOAT32_BYTES = 4
 NF4_TABLE_BYTES = 16 * FLOAT32_BYTES
 DYNAMIC_TABLE_BYTES = 256 * FLOAT32_BYTES
@@ -70,6 +81,7 @@ class MemoryEstimate:
     weights: int
     quant_constants: int
     adapters: int
+    master_weights: int
     gradients: int
     optimizer_states: int
     activations: int
@@ -80,14 +92,14 @@ class MemoryEstimate:
         return sum(asdict(self).values())
 
 
-def dtype_bytes(dtype: torch.dtype) -> int:
-    """Bytes per element of a floating-point dtype.
+def dtype_bytes(dtype: torch.dtype, name: str = "compute_dtype") -> int:
+    """Bytes per element of a floating-point dtype (`name` is the argument it came as).
 
     >>> dtype_bytes(torch.bfloat16)
     2
     """
     if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
-        raise ValueError(f"compute_dtype must be a floating-point torch.dtype, got {dtype!r}")
+        raise ValueError(f"{name} must be a floating-point torch.dtype, got {dtype!r}")
     return torch.finfo(dtype).bits // 8
 
 
@@ -149,12 +161,17 @@ def layer_activation_bytes(config: PretrainedConfig, act_bytes: int, frozen: boo
 
 
 def adapter_activation_bytes(
-    config: PretrainedConfig, r: int, target_modules: str | tuple[str, ...], act_bytes: int
+    config: PretrainedConfig,
+    r: int,
+    target_modules: str | tuple[str, ...],
+    act_bytes: int,
+    adapter_bytes: int = FLOAT32_BYTES,
 ) -> int:
     """Bytes the LoRA adapters of one decoder layer save for backward, per token.
 
-    Each adapter keeps A's float32 output (r values); when the activations are not float32,
-    PEFT casts each adapted layer's input to the adapters' float32, and that copy is kept too.
+    Each adapter keeps A's output (r values in the adapters' dtype, `adapter_bytes` each);
+    when the activations' dtype differs from the adapters', PEFT casts each adapted layer's
+    input to the adapters' dtype, and that copy is kept too.
 
     >>> from sft_helpers.architectures import load_config
     >>> adapter_activation_bytes(load_config("llama-3-8b"), 16, "all-linear", act_bytes=4)
@@ -162,8 +179,8 @@ def adapter_activation_bytes(
     """
     shapes = linear_shapes(config)
     targets = resolve_targets(config, target_modules)
-    copies = 0 if act_bytes == ADAPTER_BYTES else sum(shapes[m][0] for m in targets)
-    return (len(targets) * r + copies) * ADAPTER_BYTES
+    copies = 0 if act_bytes == adapter_bytes else sum(shapes[m][0] for m in targets)
+    return (len(targets) * r + copies) * adapter_bytes
 
 
 def activation_bytes(
@@ -237,16 +254,21 @@ def estimate_memory(
     compute_dtype: torch.dtype = torch.bfloat16,
     double_quant: bool = True,
     upcast_unquantized: bool = True,
+    adapter_dtype: torch.dtype | None = None,
+    mixed_precision: bool = True,
 ) -> MemoryEstimate:
     """The memory of fine-tuning `config`'s model with `method` (full, lora, qlora), itemized.
 
-    See the module docstring for each part's formula. `lora_r` and `target_modules` matter
-    for lora and qlora only; `double_quant` and `upcast_unquantized` for qlora only.
+    See the module docstring for each part's formula. `lora_r`, `target_modules` and
+    `adapter_dtype` (None: `TRL_ADAPTER_DTYPES[method]`) matter for lora and qlora only;
+    `double_quant` and `upcast_unquantized` for qlora only; `mixed_precision` for full only.
 
     >>> from sft_helpers.architectures import load_config
     >>> full = estimate_memory(load_config("llama-3-8b"), "full")
     >>> full.weights == full.gradients == 2 * 8_030_261_248
     True
+    >>> (full.total - full.activations) // 8_030_261_248  # bytes per parameter
+    16
     """
     _check_arguments(method, optimizer, batch_size, seq_len)
     compute = dtype_bytes(compute_dtype)
@@ -261,10 +283,15 @@ def estimate_memory(
         weights, constants = n_params * compute, 0
     if method == "full":
         adapters, trainable_bytes, adapter_acts = 0, n_params * compute, None
+        master = n_params * FLOAT32_BYTES if mixed_precision and compute != FLOAT32_BYTES else 0
+        state_bytes = n_params * FLOAT32_BYTES if mixed_precision else trainable_bytes
     else:
-        adapters = count_lora_parameters(config, lora_r, target_modules) * ADAPTER_BYTES
-        trainable_bytes = adapters
-        adapter_acts = adapter_activation_bytes(config, lora_r, target_modules, act)
+        adapter_bytes = dtype_bytes(adapter_dtype or TRL_ADAPTER_DTYPES[method], "adapter_dtype")
+        adapters = count_lora_parameters(config, lora_r, target_modules) * adapter_bytes
+        trainable_bytes = state_bytes = adapters
+        master = 0
+        adapter_acts = adapter_activation_bytes(config, lora_r, target_modules, act,
+                                                adapter_bytes)
     activations = activation_bytes(
         config,
         batch_size=batch_size,
@@ -277,8 +304,9 @@ def estimate_memory(
         weights=weights,
         quant_constants=constants,
         adapters=adapters,
+        master_weights=master,
         gradients=trainable_bytes,
-        optimizer_states=OPTIMIZER_STATES[optimizer] * trainable_bytes,
+        optimizer_states=OPTIMIZER_STATES[optimizer] * state_bytes,
         activations=sum(activations.values()),
     )
 
@@ -375,6 +403,9 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--dtype", choices=tuple(DTYPES), default="bfloat16",
                         help="compute dtype (float16 on a T4)")
     parser.add_argument("--no-gradient-checkpointing", action="store_true")
+    parser.add_argument("--no-mixed-precision", action="store_true",
+                        help="full fine-tuning with everything in --dtype (no float32 master "
+                             "weights and optimizer states)")
     parser.add_argument("--no-double-quant", action="store_true")
     parser.add_argument("--gpu-gib", type=float, help="your GPU's memory in GiB, to compare")
     return parser.parse_args(argv)
@@ -393,6 +424,7 @@ def main(argv: list[str] | None = None) -> int:
             batch_size=args.batch, seq_len=args.seq_len, optimizer=args.optimizer,
             gradient_checkpointing=not args.no_gradient_checkpointing,
             compute_dtype=DTYPES[args.dtype], double_quant=not args.no_double_quant,
+            mixed_precision=not args.no_mixed_precision,
         )
     except ValueError as error:
         sys.exit(f"error: {error}")

@@ -11,6 +11,7 @@ from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
 from sft_helpers.architectures import config_from_dict, load_config
 from sft_helpers.memory import (
     activation_bytes,
+    TRL_ADAPTER_DTYPES,
     adapter_activation_bytes,
     estimate_memory,
     footprint,
@@ -35,14 +36,27 @@ def hand():
     return config_from_dict(HAND)
 
 
-def test_full_fine_tuning_of_llama_3_8b_in_bf16():
+def test_full_fine_tuning_of_llama_3_8b_in_mixed_precision():
     e = estimate_memory(load_config("llama-3-8b"), "full")
     assert e.weights == e.gradients == 2 * LLAMA_8B_PARAMS
-    assert e.optimizer_states == 2 * 2 * LLAMA_8B_PARAMS  # AdamW: 2 states, bf16 like the params
+    assert e.master_weights == 4 * LLAMA_8B_PARAMS  # the float32 copy the optimizer updates
+    assert e.optimizer_states == 2 * 4 * LLAMA_8B_PARAMS  # AdamW: 2 float32 states
     assert e.quant_constants == e.adapters == 0
-    assert e.total == 8 * LLAMA_8B_PARAMS + e.activations
+    assert e.total == 16 * LLAMA_8B_PARAMS + e.activations
     sgd = estimate_memory(load_config("llama-3-8b"), "full", optimizer="sgd")
     assert sgd.optimizer_states == 0 and sgd.total == e.total - e.optimizer_states
+
+
+def test_full_fine_tuning_in_pure_bf16_is_8_bytes_per_parameter():
+    e = estimate_memory(load_config("llama-3-8b"), "full", mixed_precision=False)
+    assert e.master_weights == 0
+    assert e.optimizer_states == 2 * 2 * LLAMA_8B_PARAMS  # AdamW: 2 states, bf16 like the params
+    assert e.total == 8 * LLAMA_8B_PARAMS + e.activations
+
+
+def test_mixed_precision_in_float32_needs_no_master_copy():
+    e = estimate_memory(load_config("llama-3-8b"), "full", compute_dtype=torch.float32)
+    assert e.master_weights == 0 and e.total == 16 * LLAMA_8B_PARAMS + e.activations
 
 
 def test_lora_adapters_are_float32_and_only_they_train():
@@ -50,6 +64,30 @@ def test_lora_adapters_are_float32_and_only_they_train():
     assert e.weights == 2 * LLAMA_8B_PARAMS
     assert e.adapters == e.gradients == 4 * LLAMA_8B_LORA_R16
     assert e.optimizer_states == 8 * LLAMA_8B_LORA_R16
+    assert e.master_weights == 0
+
+
+def test_qlora_adapters_are_bf16_as_trl_leaves_them_unless_told():
+    config = load_config("llama-3-8b")
+    e = estimate_memory(config, "qlora", lora_r=16)
+    assert e.adapters == e.gradients == 2 * LLAMA_8B_LORA_R16
+    assert e.optimizer_states == 4 * LLAMA_8B_LORA_R16
+    plain = estimate_memory(config, "qlora", lora_r=16, adapter_dtype=torch.float32)
+    assert plain.adapters == 4 * LLAMA_8B_LORA_R16
+
+
+@pytest.mark.parametrize("quantization", [None, "nf4"])
+def test_trl_adapter_dtypes_are_what_the_pinned_trl_does(quantization, tmp_path):
+    from sft_helpers.data import read_split
+    from sft_helpers.training import train_sft
+
+    model, tokenizer = load_model("tiny", quantization=quantization, dtype=torch.float32)
+    conversations = [record["messages"] for record in read_split("train")[:2]]
+    trainer = train_sft(model, tokenizer, conversations, output_dir=tmp_path, max_steps=1,
+                        batch_size=2, peft_config=LoraConfig(r=4, target_modules="all-linear"),
+                        progress=False)
+    dtypes = {p.dtype for p in trainer.model.parameters() if p.requires_grad}
+    assert dtypes == {TRL_ADAPTER_DTYPES["qlora" if quantization else "lora"]}
 
 
 def test_qlora_weights_by_hand(hand):
@@ -106,6 +144,8 @@ def test_adapter_activations_by_hand(hand):
     assert adapter_activation_bytes(hand, 4, "attention", act_bytes=4) == 4 * 4 * 4
     # bf16 activations: PEFT's float32 copy of each adapted layer's input is kept as well
     assert adapter_activation_bytes(hand, 4, ("q_proj", "down_proj"), 2) == (8 + 64 + 128) * 4
+    # bf16 adapters on float32 activations (QLoRA as TRL runs it): a bf16 copy of the input
+    assert adapter_activation_bytes(hand, 4, ("q_proj", "down_proj"), 4, 2) == (8 + 64 + 128) * 2
 
 
 def test_logits_by_hand(hand):
@@ -123,6 +163,9 @@ def _train_mode(method: str, checkpointing: bool):
         model.activation_checkpointing_enable({"use_reentrant": False})
     if method != "full":
         model = get_peft_model(model, LoraConfig(r=8, target_modules="all-linear"))
+        for parameter in model.parameters():  # in the dtype TRL's SFTTrainer leaves them in
+            if parameter.requires_grad:
+                parameter.data = parameter.data.to(TRL_ADAPTER_DTYPES[method])
     return model
 
 
@@ -134,7 +177,8 @@ def test_activation_estimate_matches_the_saved_tensors(method, checkpointing):
     ids = torch.randint(0, 1000, (2, 64), generator=torch.Generator().manual_seed(0))
     measured = saved_tensor_bytes(lambda: model(input_ids=ids, labels=ids).loss, model)
     adapters = None if method == "full" else adapter_activation_bytes(
-        model.config, 8, "all-linear", act_bytes=4)
+        model.config, 8, "all-linear", act_bytes=4,
+        adapter_bytes=TRL_ADAPTER_DTYPES[method].itemsize)
     acts = activation_bytes(model.config, batch_size=2, seq_len=64, act_bytes=4,
                             gradient_checkpointing=checkpointing,
                             adapter_bytes_per_layer=adapters)
@@ -159,7 +203,8 @@ def test_estimate_matches_the_measured_footprint_of_a_loaded_model(quantization)
         ({"optimizer": "adam9"}, "optimizer must be one of"),
         ({"batch_size": 0}, "batch_size must be a positive integer"),
         ({"seq_len": 1.5}, "seq_len must be a positive integer"),
-        ({"compute_dtype": torch.int8}, "floating-point"),
+        ({"compute_dtype": torch.int8}, "compute_dtype must be a floating-point"),
+        ({"adapter_dtype": torch.int8}, "adapter_dtype must be a floating-point"),
         ({"target_modules": ("qkv_proj",)}, "no linear layer named qkv_proj"),
         ({"lora_r": 0}, "rank r must be a positive integer"),
     ],
