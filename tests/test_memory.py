@@ -10,8 +10,8 @@ from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
 
 from sft_helpers.architectures import config_from_dict, load_config
 from sft_helpers.memory import (
-    activation_bytes,
     TRL_ADAPTER_DTYPES,
+    activation_bytes,
     adapter_activation_bytes,
     estimate_memory,
     footprint,
