@@ -679,6 +679,25 @@ def check_debiased_preference(p_a_first: float, p_b_first: float, answer: float)
     )
 
 
+
+def check_prompt_level(rows, replies, answer: float) -> None:
+    """Exercise 07.6: the strict prompt-level accuracy of `replies` to the IFEval `rows`."""
+    from sft_helpers.ifeval import follows
+
+    followed = [follows(row, reply) for row, reply in zip(rows, replies, strict=True)]
+    expected = sum(map(all, followed)) / len(followed)
+    instruction_level = sum(map(sum, followed)) / sum(map(len, followed))
+    number = isinstance(answer, int | float)
+    if number and abs(answer - instruction_level) < 1e-9 < abs(instruction_level - expected):
+        _reject("that is the instruction level (the share of all instructions followed); "
+                "a prompt counts only when every one of its instructions is followed.")
+    _confirm(
+        number and abs(answer - expected) < 1e-9,
+        "for each prompt, follows(row, reply) gives one bool per instruction; the prompt "
+        "counts when all of them are True. Divide by the number of prompts.",
+        f"{expected:.3f} of the prompts have every instruction followed.",
+    )
+
 # --- 08_capstone -------------------------------------------------------------------------
 
 

@@ -28,6 +28,8 @@ from __future__ import annotations
 
 import json
 import re
+import shutil
+import tempfile
 from collections import Counter
 from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
@@ -351,6 +353,19 @@ def write_jsonl(rows: Iterable[Mapping], path: Path) -> None:
     """
     lines = (json.dumps(row, ensure_ascii=False) for row in rows)
     Path(path).write_text("".join(line + "\n" for line in lines), encoding="utf-8")
+
+
+def data_folder(train_rows: Iterable[Mapping], folder: Path | None = None) -> Path:
+    """A data folder in the course data's shape: `train_rows` (their `id`, `category` and
+    `messages`) as its train split and the course's own eval split, in `folder` (default
+    a new temporary folder). `training.course_adapter(data_dir=...)` trains on it, keyed
+    by its contents.
+    """
+    folder = Path(tempfile.mkdtemp()) if folder is None else Path(folder)
+    write_jsonl([{key: row[key] for key in ("id", "category", "messages")} for row in train_rows],
+                folder / SPLIT_FILES["train"])
+    shutil.copy(DATA_DIR / SPLIT_FILES["eval"], folder / SPLIT_FILES["eval"])
+    return folder
 
 
 def read_conversations(path: Path) -> list[dict]:

@@ -393,6 +393,41 @@ def replies_key(model, tokenizer, records: Sequence[Mapping], settings: Mapping)
     return hashlib.sha256(payload.encode()).hexdigest()[:16]
 
 
+def cached_replies(
+    model,
+    tokenizer,
+    prompts: Sequence[Mapping],
+    *,
+    max_new_tokens: int,
+    batch_size: int = BATCH_SIZE,
+    progress: bool = True,
+    cache: bool = True,
+) -> list[dict]:
+    """`model`'s greedy replies to `prompts` (`evaluate_sft_model` records, in order).
+
+    Greedy replies are a function of the weights, the prompts and the settings, so with
+    `cache=True` they are kept in the course cache under `replies_key`: notebook 07 reads
+    the replies that notebook 03 generated for the same model instead of generating them
+    again. `cache=False` always generates.
+    """
+
+    def generate() -> list[dict]:
+        return evaluate_sft_model(
+            model, tokenizer, prompts, max_new_tokens=max_new_tokens, do_sample=False,
+            batch_size=batch_size, progress=progress,
+        )
+
+    if not cache:
+        return generate()
+    key = replies_key(model, tokenizer, prompts, {"max_new_tokens": max_new_tokens})
+
+    def build(folder: Path) -> None:
+        (folder / REPLIES_FILE).write_text(json.dumps(generate()))
+
+    entry = cached_entry(f"{REPLIES_PREFIX}-{key}", build)
+    return json.loads((entry / REPLIES_FILE).read_text())
+
+
 def measure_compliance(
     model,
     tokenizer,
@@ -409,33 +444,14 @@ def measure_compliance(
 
     `max_new_tokens` (default `REPLY_TOKENS`) leaves room for a whole reply, so a reply
     that does not stop within it has failed to stop. `system` puts a system message first
-    (`with_system`; None: the chat template's own default).
-
-    Greedy replies are a function of the weights, the prompts and the settings, so with
-    `cache=True` they are kept in the course cache under `replies_key`: notebook 07 reads
-    the replies that notebook 03 generated for the same model instead of generating them
-    again. `cache=False` always generates.
+    (`with_system`; None: the chat template's own default). The replies come from
+    `cached_replies` (`cache=False` always generates).
 
     >>> table, results = measure_compliance(model, tokenizer, read_split("eval"))  # doctest: +SKIP
     """
-    prompts = with_system(records, system)
-
-    def generate() -> list[dict]:
-        return evaluate_sft_model(
-            model, tokenizer, prompts, max_new_tokens=max_new_tokens, do_sample=False,
-            batch_size=batch_size, progress=progress,
-        )
-
-    if not cache:
-        results = generate()
-    else:
-        key = replies_key(model, tokenizer, prompts, {"max_new_tokens": max_new_tokens})
-
-        def build(folder: Path) -> None:
-            (folder / REPLIES_FILE).write_text(json.dumps(generate()))
-
-        entry = cached_entry(f"{REPLIES_PREFIX}-{key}", build)
-        results = json.loads((entry / REPLIES_FILE).read_text())
+    results = cached_replies(model, tokenizer, with_system(records, system),
+                             max_new_tokens=max_new_tokens, batch_size=batch_size,
+                             progress=progress, cache=cache)
     return score_table(results), results
 
 

@@ -44,9 +44,11 @@ import re
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 
-from sft_helpers.data import DATA_DIR, read_jsonl
+from sft_helpers.data import DATA_DIR, loops, read_jsonl
 
 RELATIONS = ("less than", "at least")
+# Room for a whole reply: the longest reference reply of ifeval_eval.jsonl has 137 tokens.
+BENCHMARK_TOKENS = 160
 # IFEval strips these code fences (in this order) before parsing a JSON reply.
 JSON_FENCE_PREFIXES = ("```json", "```Json", "```JSON", "```")
 JSON_FENCE = "```"
@@ -573,3 +575,79 @@ def load_ifeval(split: str = "eval", data_dir: Path = DATA_DIR) -> list[dict]:
     for number, row in enumerate(rows, start=1):
         validate_prompt(row, f"{path.name} line {number}")
     return rows
+
+
+def train_conversations(data_dir: Path = DATA_DIR) -> list[dict]:
+    """The instruction-following training conversations of `ifeval_train.jsonl`, each
+    checked as a conversation (`data.read_conversations`) and as a prompt row (its
+    `instruction_id_list` and `kwargs`); errors name the file and line.
+
+    >>> rows = train_conversations()
+    >>> len(rows) >= 150, rows[0]["messages"][-1]["role"]
+    (True, 'assistant')
+    """
+    from sft_helpers.data import read_conversations
+
+    path = Path(data_dir) / "ifeval_train.jsonl"
+    rows = read_conversations(path)
+    for number, row in enumerate(rows, start=1):
+        validate_prompt({**row, "prompt": row["messages"][0]["content"]},
+                        f"{path.name} line {number}")
+    return rows
+
+
+def finished_reply(record: Mapping) -> str:
+    """The reply of an `evaluate_sft_model` record as the course grades it: the reply when
+    the model closed its turn and did not loop (`data.loops`), otherwise "", which follows
+    no instruction. IFEval scores a reply as it stands, so a loop that happens to contain
+    three bullet points passes there; here it fails, as every course metric reads it.
+
+    >>> finished_reply({"generated": "* a\\n* b", "stop_reason": "eos"})
+    '* a\\n* b'
+    >>> finished_reply({"generated": "* a\\n* b", "stop_reason": "max_new_tokens"})
+    ''
+    """
+    from sft_helpers.generation import STOP_EOS
+
+    ok = record["stop_reason"] == STOP_EOS and not loops(record["generated"])
+    return record["generated"] if ok else ""
+
+
+def benchmark(
+    model,
+    tokenizer,
+    rows: Sequence[Mapping] | None = None,
+    *,
+    max_new_tokens: int = BENCHMARK_TOKENS,
+    progress: bool = True,
+    cache: bool = True,
+) -> tuple[dict, list[dict]]:
+    """`(scores, results)`: `model`'s greedy replies to the benchmark prompts (`rows`,
+    default `load_ifeval("eval")`) and their scores: `scores["ifeval"]` scores each reply
+    as it stands (IFEval's rule, the one a model card reports), `scores["whole"]` scores
+    `finished_reply` (a reply that never stops or loops follows nothing), both as `score`
+    gives them; `scores["stopped"]` and `scores["loops"]` are the rates of replies that
+    closed their turn and that repeat themselves.
+
+    The prompts go in as the user turn alone, so the chat template adds its default system
+    prompt, as in training. Replies come from `evaluation.cached_replies`: a second run with
+    the same weights reads them from the course cache.
+
+    >>> scores, results = benchmark(model, tokenizer)  # doctest: +SKIP
+    >>> scores["ifeval"]["instruction_strict"]["k"], scores["stopped"]["n"]  # doctest: +SKIP
+    (120, 132)
+    """
+    from sft_helpers.evaluation import cached_replies, rate  # torch-heavy: import on use
+    from sft_helpers.generation import stop_count
+
+    rows = load_ifeval("eval") if rows is None else list(rows)
+    prompts = [{"instruction": row["prompt"]} for row in rows]
+    results = cached_replies(model, tokenizer, prompts, max_new_tokens=max_new_tokens,
+                             progress=progress, cache=cache)
+    n = len(results)
+    return {
+        "ifeval": score(rows, [r["generated"] for r in results]),
+        "whole": score(rows, [finished_reply(r) for r in results]),
+        "stopped": rate(stop_count(results), n),
+        "loops": rate(sum(loops(r["generated"]) for r in results), n),
+    }, results

@@ -10,6 +10,7 @@ from sft_helpers.checks import (
     check_debiased_preference,
     check_greedy_distinct,
     check_never_stops,
+    check_prompt_level,
     check_rouge_l,
     check_stop_rate,
 )
@@ -53,3 +54,16 @@ def test_debiased_preference():
     for wrong in (0.8, 0.9, 0.5):
         with pytest.raises(ExerciseError, match="1 - p_b_first"):
             check_debiased_preference(0.9, 0.7, wrong)
+
+
+def test_prompt_level():
+    rows = [{"instruction_id_list": ["punctuation:no_comma", "startend:quotation"],
+             "kwargs": [{}, {}]},
+            {"instruction_id_list": ["punctuation:no_comma"], "kwargs": [{}]}]
+    replies = ['"Yes, gladly."', "Fine."]  # 1 of 2 instructions, then 1 of 1
+    check_prompt_level(rows, replies, 0.5)
+    with pytest.raises(ExerciseError, match="instruction level"):
+        check_prompt_level(rows, replies, 2 / 3)
+    for wrong in (1.0, 0.0, "0.5"):
+        with pytest.raises(ExerciseError, match="counts when all of them"):
+            check_prompt_level(rows, replies, wrong)

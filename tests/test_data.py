@@ -17,6 +17,7 @@ from sft_helpers.data import (
     SPLIT_FILES,
     compliance,
     compliance_rate,
+    data_folder,
     follows_house_style,
     format_reply,
     is_multi_turn,
@@ -310,3 +311,14 @@ def test_held_out_identity_prompts_paraphrase_no_training_prompt():
             assert similarity < PARAPHRASE_THRESHOLD, (record["id"], closest)
     # The check can fail: an earlier held-out prompt, "Is this ChatGPT?", paraphrased one.
     assert closest_prompt("Is this ChatGPT?", trained) == (1.0, "Are you ChatGPT?")
+
+
+def test_data_folder_holds_the_rows_and_the_course_eval_split(tmp_path):
+    rows = [{**TRAIN[1], "extra": "dropped"}, TRAIN[0]]
+    folder = data_folder(rows, tmp_path)
+    assert folder == tmp_path
+    written = [json.loads(line) for line in (tmp_path / SPLIT_FILES["train"]).open()]
+    assert written == [{k: r[k] for k in ("id", "category", "messages")} for r in rows]
+    assert read_split("train", tmp_path)[0]["id"] == TRAIN[1]["id"]
+    assert read_split("eval", tmp_path) == EVAL
+    assert data_folder(rows) != data_folder(rows)  # a new temporary folder each time

@@ -15,14 +15,17 @@ from sft_helpers.ifeval import (
     INSTRUCTIONS,
     POSTSCRIPT_PATTERNS,
     REGISTRY,
+    benchmark,
     check,
     check_loose,
     count_words,
     describe,
+    finished_reply,
     follows,
     load_ifeval,
     loose_variants,
     score,
+    train_conversations,
     validate_prompt,
 )
 
@@ -433,3 +436,49 @@ def test_the_data_card_states_the_eval_files_counts():
     assert f"{len(ROWS)} prompts with" in card
     assert f"{sizes[1]} prompts carry one instruction, {sizes[2]} two and {sizes[3]} three" in card
     assert f"({sum(uses.values())} instructions in all)" in card
+
+
+def test_the_training_conversations_are_read_and_checked(tmp_path):
+    rows = train_conversations()
+    assert len(rows) >= 150 and all(r["messages"][-1]["role"] == "assistant" for r in rows)
+    good = rows[0]
+    bad = {**good, "kwargs": [{"num_bulets": 3}]}
+    lines = [json.dumps(good), json.dumps(bad)]
+    (tmp_path / "ifeval_train.jsonl").write_text("\n".join(lines) + "\n", encoding="utf-8")
+    with pytest.raises(ValueError, match=r"ifeval_train.jsonl line 2: "):
+        train_conversations(tmp_path)
+
+
+def test_benchmark_scores_whole_replies_and_reads_them_from_the_cache(fresh_cache, monkeypatch):
+    from sft_helpers import evaluation
+    from sft_helpers.models import load_model
+
+    model, tokenizer = load_model("tiny")
+    rows = ROWS[:3]
+    scores, results = benchmark(model, tokenizer, rows, max_new_tokens=4, progress=False)
+    assert [r["instruction"] for r in results] == [row["prompt"] for row in rows]
+    assert scores["ifeval"] == score(rows, [r["generated"] for r in results])
+    # The untrained tiny model never closes its turn within 4 tokens: whole replies follow
+    # nothing, whatever IFEval's rule makes of the cut-off text.
+    assert all(r["n_tokens"] == 4 for r in results)
+    assert (scores["stopped"]["k"], scores["stopped"]["n"]) == (0, 3)
+    assert scores["whole"] == score(rows, [""] * 3)
+    assert scores["whole"]["instruction_strict"]["k"] == 0
+
+    def no_generation(*args, **kwargs):
+        raise AssertionError("generated although the replies are cached")
+
+    monkeypatch.setattr(evaluation, "evaluate_sft_model", no_generation)
+    assert benchmark(model, tokenizer, rows, max_new_tokens=4, progress=False) == (
+        scores, results)
+    with pytest.raises(AssertionError, match="generated although"):
+        benchmark(model, tokenizer, rows, max_new_tokens=5, progress=False)
+
+
+def test_a_finished_reply_is_one_that_stopped_without_looping():
+    bullets = "* Pack water.\n* Pack a hat.\n* Pack a towel."
+    looped = "* Pack water and a hat.\n" * 3
+    assert finished_reply({"generated": bullets, "stop_reason": "eos"}) == bullets
+    assert finished_reply({"generated": bullets, "stop_reason": "max_new_tokens"}) == ""
+    assert check(BULLETS, looped, num_bullets=3)  # IFEval's rule passes the loop
+    assert finished_reply({"generated": looped, "stop_reason": "eos"}) == ""
