@@ -39,7 +39,7 @@ from pathlib import Path
 
 import torch
 
-from sft_helpers.data import read_conversations
+from sft_helpers.formats import FORMATS, read_examples
 from sft_helpers.models import (
     DEFAULT_PROFILE,
     GGUF_PACKAGE,
@@ -67,7 +67,7 @@ OUTPUT_ROOT = "outputs"
 # the data to train on (data.train is required) and where to write.
 DEFAULTS: dict = {
     "model": RECIPE["model"],
-    "data": {"train": None, "max_examples": None},
+    "data": {"train": None, "format": None, "max_examples": None},
     "masking": RECIPE["masking"],
     "lora": RECIPE["lora"],
     "training": RECIPE["training"],
@@ -137,7 +137,8 @@ def _non_empty_list_of(check: Callable) -> Callable:
 RULES: dict[str, tuple[Callable, str]] = {
     "model.profile": (_text, "a profile name or a Hugging Face Hub id"),
     "model.quantization": (_one_of(QUANTIZATIONS), "null or 'nf4'"),
-    "data.train": (_text, "the path of a .jsonl file of training conversations"),
+    "data.train": (_text, "the path of a .jsonl, .json or .csv file of training examples"),
+    "data.format": (_optional(_one_of(FORMATS)), f"null (detect it) or one of {list(FORMATS)}"),
     "data.max_examples": (_optional(_positive_int), "null or a positive int"),
     "masking.labels": (_one_of(LABEL_MODES), f"one of {sorted(LABEL_MODES)}"),
     "lora.r": (_positive_int, "a positive int"),
@@ -290,7 +291,7 @@ def load_train_config(
     _check_profile(config["model"]["profile"], where)
     train = _find_data(config["data"]["train"], config_file, where)
     try:
-        read_conversations(train)
+        read_examples(train, config["data"]["format"])
     except ValueError as error:
         raise ConfigError(f"{where}: data.train: {error}") from error
     config["data"]["train"] = str(train)
@@ -367,7 +368,12 @@ def train_from_config(config: Mapping) -> Path:
     _check_sharding(config)
     state = _process_state()
     output_dir = Path(config["output_dir"])
-    records = read_conversations(Path(config["data"]["train"]))[: config["data"]["max_examples"]]
+    records, report = read_examples(Path(config["data"]["train"]), config["data"]["format"])
+    records = records[: config["data"]["max_examples"]]
+    if state.is_main_process:
+        how = "detected" if report["detected"] else "as configured"
+        print(f"data: {report['kept']} examples from {_portable(config['data']['train'])}, "
+              f"format {report['format']} ({how})", flush=True)
     model, tokenizer = load_model(
         config["model"]["profile"], quantization=config["model"]["quantization"],
         device=state.device,

@@ -23,7 +23,7 @@ TAUGHT_IN = {
     "quant": 5, "memory": 5,
     "quality": 6, "noisy": 6,
     "evaluation": 3, "ifeval": 7,
-    "triage": 8, "train": 8,
+    "triage": 8, "train": 8, "formats": 8,
 }
 
 

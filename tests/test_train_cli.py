@@ -95,6 +95,11 @@ BAD_CONFIGS = {
     "label mode": ({"masking": {"labels": "everything"}}, ["masking.labels", "'pad_eos'"]),
     "section not a mapping": ({"training": 5}, ["training must be a mapping"]),
     "no data": ({"data": {"train": None}}, ["data.train is required"]),
+    "unknown format": ({"data": {"train": "train.jsonl", "format": "openai"}},
+                       ["data.format must be null (detect it) or one of", "'sharegpt'"]),
+    "wrong format": ({"data": {"train": "train.jsonl", "format": "alpaca"}},
+                     ["data.train: train.jsonl line 1: a row in the alpaca format needs the field "
+                      "'instruction'"]),
     "zero examples": ({"data": {"train": "train.jsonl", "max_examples": 0}},
                       ["data.max_examples"]),
     "missing data file": ({"data": {"train": "nowhere.jsonl"}},
@@ -121,12 +126,12 @@ def test_a_bad_config_names_the_file_and_the_key(tmp_path, monkeypatch, no_model
 @pytest.mark.parametrize("lines, expected", [
     ([TRAIN_LINES[0], "{not json"], "train.jsonl line 2: not valid JSON"),
     (['{"id": "x", "conversation": []}'],
-     "train.jsonl line 1: expected an object with a 'messages'"),
+     "train.jsonl line 1: fields ['conversation', 'id'] match no known format"),
     ([TRAIN_LINES[0].replace('"role": "assistant"', '"role": "bot"')],
      "train.jsonl line 1: message 1: unknown role 'bot'"),
     (['{"messages": [{"role": "user", "content": "Hi"}]}'],
      "train.jsonl line 1: conversation: no assistant message"),
-    ([], "holds no training conversations"),
+    ([], "train.jsonl holds no rows"),
 ], ids=["invalid JSON", "no messages", "unknown role", "no assistant turn", "empty file"])
 def test_bad_training_data_names_the_file_and_the_line(tmp_path, no_model_load, lines, expected):
     path = write_run(tmp_path, TINY_RUN)
@@ -163,6 +168,28 @@ def test_data_is_found_next_to_the_config_then_in_the_current_folder(tmp_path, m
     (tmp_path / "configs" / "train.jsonl").unlink()
     monkeypatch.chdir(tmp_path)
     assert load_train_config(path)["data"]["train"] == str(tmp_path / "train.jsonl")
+
+
+@pytest.mark.parametrize("sample, expected", [
+    ("alpaca.jsonl", "alpaca"), ("sharegpt.json", "sharegpt"),
+    ("prompt_completion.csv", "prompt_completion"), ("messages.jsonl", "messages"),
+])
+def test_every_sample_format_is_a_valid_training_file(tmp_path, no_model_load, sample, expected):
+    data = str(DATA_DIR / "samples" / sample)
+    config = load_train_config(write_run(tmp_path, with_changes({"data": {"train": data}})))
+    assert config["data"]["format"] is None  # detected when the run reads it
+    stated = with_changes({"data": {"train": data, "format": expected}})
+    assert load_train_config(write_run(tmp_path, stated))["data"]["format"] == expected
+
+
+@pytest.mark.slow
+def test_the_cli_trains_on_a_sharegpt_file_as_it_is(tmp_path, capsys):
+    data = str(DATA_DIR / "samples" / "sharegpt.json")
+    path = write_run(tmp_path, with_changes({"data": {"train": data}}))
+    out = main(["--config", str(path), "--max-steps", "1", "--output-dir", str(tmp_path / "out")])
+    printed = capsys.readouterr().out
+    assert "data: 5 examples from " in printed and "format sharegpt (detected)" in printed
+    assert trained(saved_adapter(out))
 
 
 def test_the_capstone_config_is_valid(tmp_path):
