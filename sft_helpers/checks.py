@@ -733,3 +733,17 @@ def check_both_right(results, eval_rows, answer: float) -> None:
         "eval row, and divide by the number of eval rows (invalid replies count as wrong).",
         f"{expected:.1%} of the held-out messages are triaged exactly.",
     )
+
+
+def check_data_format(row: dict, answer: str) -> None:
+    """Exercise 08.4: the format of a training `row` (one of `formats.FORMATS`)."""
+    from sft_helpers.formats import FORMATS, SIGNATURES, detect_format
+
+    expected = detect_format(row)
+    fields = ", ".join(SIGNATURES[expected])
+    _confirm(
+        answer == expected,
+        f"look at the row's fields and compare them with each format's ({', '.join(FORMATS)}): "
+        "which one's fields does it hold?",
+        f"{expected}: it has {fields}.",
+    )

@@ -4,7 +4,12 @@ from __future__ import annotations
 
 import pytest
 
-from sft_helpers.checks import ExerciseError, check_both_right, check_triage_reply
+from sft_helpers.checks import (
+    ExerciseError,
+    check_both_right,
+    check_data_format,
+    check_triage_reply,
+)
 
 ROW = {"id": "raw-0007", "message": "Charged twice for one ride!", "category": "billing",
        "urgent": True}
@@ -36,3 +41,11 @@ def test_both_right_accepts_the_share_and_names_the_valid_json_confusion(capsys)
         check_both_right(RESULTS, EVAL_ROWS, 1.0)
     with pytest.raises(ExerciseError, match="parse each reply"):
         check_both_right(RESULTS, EVAL_ROWS, 0.25)
+
+
+def test_data_format():
+    row = {"conversations": [{"from": "human", "value": "Hi"}, {"from": "gpt", "value": "Hey"}]}
+    check_data_format(row, "sharegpt")
+    for wrong in ("messages", "alpaca", "ShareGPT", None):
+        with pytest.raises(ExerciseError, match="which one's fields does it hold"):
+            check_data_format(row, wrong)
