@@ -747,3 +747,18 @@ def check_data_format(row: dict, answer: str) -> None:
         "which one's fields does it hold?",
         f"{expected}: it has {fields}.",
     )
+
+
+def check_token_route_ratio(config, n_new: int, answer: float) -> None:
+    """Exercise 05.6: how many times more parameters `modules_to_save` trains than
+    `trainable_token_indices` for `n_new` new tokens of a model with `config`."""
+    from sft_helpers.new_tokens import new_token_parameters
+
+    ratio = (new_token_parameters(config, n_new, "modules_to_save")
+             / new_token_parameters(config, n_new, "trainable_token_indices"))
+    _confirm(
+        abs(answer - ratio) <= 1e-3 * ratio,
+        "one route trains n_new rows of the embedding, the other a copy of all of its rows: "
+        "divide the two counts (the hidden size cancels)",
+        f"{ratio:,.0f}x: every row of the {config.vocab_size:,}-row matrix against {n_new}.",
+    )

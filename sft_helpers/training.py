@@ -219,6 +219,46 @@ def _quiet_preparation():
             datasets.enable_progress_bars()
 
 
+# The layers whose rows PEFT trains through `trainable_token_indices` or `modules_to_save`.
+EMBEDDING_LAYERS = ("embed_tokens", "lm_head")
+
+
+def trains_embeddings(peft_config) -> bool:
+    """Whether `peft_config` trains embedding rows: new tokens (`trainable_token_indices`) or
+    a whole embedding or head matrix (`modules_to_save`).
+
+    >>> trains_embeddings(lora_config())
+    False
+    """
+    saved = getattr(peft_config, "modules_to_save", None) or ()
+    return bool(getattr(peft_config, "trainable_token_indices", None)) or any(
+        name in EMBEDDING_LAYERS for name in saved
+    )
+
+
+def _trainer_class(peft_config):
+    """TRL's `SFTTrainer`, or, when `peft_config` trains embedding rows, a subclass whose
+    loss is transformers' own (cross-entropy of the model's logits).
+
+    TRL 1.16 computes the loss from `lm_head.weight` directly (a fused, chunked head that
+    never builds the full logits). PEFT trains new rows of a tied head in a wrapper around
+    it, and that weight does not hold them: TRL's path fails on the wrapper, and reading its
+    weight would train the input rows only. TRL's own advice for another loss is to
+    override `compute_loss`; this does, with the one `Trainer` has."""
+    from transformers import Trainer
+    from trl import SFTTrainer
+
+    if not trains_embeddings(peft_config):
+        return SFTTrainer
+
+    class LogitsLossTrainer(SFTTrainer):
+        def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+            inputs["use_cache"] = False
+            return Trainer.compute_loss(self, model, inputs, return_outputs, num_items_in_batch)
+
+    return LogitsLossTrainer
+
+
 def train_sft(
     model,
     tokenizer,
@@ -254,7 +294,6 @@ def train_sft(
     >>> trainer = train_sft(model, tokenizer, chats, output_dir="out")  # doctest: +SKIP
     """
     from transformers.trainer_callback import PrinterCallback
-    from trl import SFTTrainer
 
     if not conversations:
         raise ValueError("no conversations to train on")
@@ -267,12 +306,13 @@ def train_sft(
             packing=packing, padding_free=padding_free, seed=seed,
             dtype=model.dtype, progress=progress,
         )
-        trainer = SFTTrainer(
+        peft_config = peft_config if peft_config is not None else lora_config()
+        trainer = _trainer_class(peft_config)(
             model=model,
             args=args,
             train_dataset=dataset,
             processing_class=tokenizer,
-            peft_config=peft_config if peft_config is not None else lora_config(),
+            peft_config=peft_config,
             callbacks=list(callbacks),
         )
         if not progress:  # without a progress bar, Trainer prints every log line instead

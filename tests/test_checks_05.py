@@ -64,3 +64,15 @@ def test_trainable_count():
     check_trainable_count(model, 8)
     with pytest.raises(ExerciseError, match="requires_grad"):
         check_trainable_count(model, 23)
+
+
+def test_check_token_route_ratio_accepts_the_ratio_and_explains_a_wrong_one():
+    from transformers import LlamaConfig
+
+    from sft_helpers.checks import check_token_route_ratio
+
+    config = LlamaConfig(hidden_size=8, num_attention_heads=2, num_key_value_heads=2,
+                         vocab_size=1000)
+    check_token_route_ratio(config, 4, 250)
+    with pytest.raises(AssertionError, match="divide the two counts"):
+        check_token_route_ratio(config, 4, 1000 * 8)

@@ -20,7 +20,7 @@ TAUGHT_IN = {
     "masking": 2,
     "data": 3, "generation": 3, "training": 3,
     "lora": 4, "architectures": 4,
-    "quant": 5, "memory": 5,
+    "quant": 5, "memory": 5, "new_tokens": 5,
     "quality": 6, "noisy": 6,
     "evaluation": 3, "ifeval": 7,
     "triage": 8, "train": 8, "formats": 8,
