@@ -27,6 +27,7 @@ import torch
 
 from sft_helpers.data import DATA_DIR, SPLIT_FILES, read_conversations
 from sft_helpers.generation import decode, left_padded, prompt_messages
+from sft_helpers.memory import FLOAT32_BYTES, OPTIMIZER_STATES
 from sft_helpers.models import cached_entry, load_model
 from sft_helpers.runtime import LIBRARY_RENAME_NOTICE
 from sft_helpers.templates import TEMPLATE_TOKENS, TEMPLATES
@@ -46,7 +47,7 @@ NEW_TEMPLATE = "llama3"
 # How a reply ended: with the new end-of-turn token, with the model's old one, or not at all.
 CLOSINGS = ("new", "old", "none")
 # Bytes per trained float32 parameter with AdamW: the weight, its gradient, two moments.
-TRAINED_BYTES = 4 + 4 + 8
+TRAINED_BYTES = FLOAT32_BYTES * (2 + OPTIMIZER_STATES["adamw"])
 ROUTES = ("trainable_token_indices", "modules_to_save")
 
 
