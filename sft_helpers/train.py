@@ -60,6 +60,9 @@ from sft_helpers.training import (
 )
 
 METRICS_FILE = "metrics.json"
+# The folder that holds sft_helpers/ (a clone of the course): paths inside it are printed
+# relative to it.
+COURSE_ROOT = Path(__file__).resolve().parents[1]
 # Where a run writes when the config names no output_dir: outputs/<config file's stem>
 # (the repository ignores outputs/).
 OUTPUT_ROOT = "outputs"
@@ -347,12 +350,14 @@ def adapter_digest(tensors: Mapping[str, torch.Tensor]) -> str:
 
 
 def _portable(path: str | Path) -> str:
-    """`path` relative to the current folder when inside it, so metrics carry no machine paths."""
+    """`path` relative to the current folder when inside it, else to the course folder (a
+    notebook runs in notebooks/), else with `~` for the home folder: what the run prints
+    and records carries no machine's paths."""
     path = Path(path).resolve()
-    try:
-        return str(path.relative_to(Path.cwd()))
-    except ValueError:
-        return display_path(path)
+    for base in (Path.cwd(), COURSE_ROOT):
+        if path.is_relative_to(base):
+            return str(path.relative_to(base))
+    return display_path(path)
 
 
 def train_from_config(config: Mapping) -> Path:

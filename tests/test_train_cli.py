@@ -192,6 +192,13 @@ def test_the_cli_trains_on_a_sharegpt_file_as_it_is(tmp_path, capsys):
     assert trained(saved_adapter(out))
 
 
+def test_course_paths_print_relative_to_the_course_from_any_folder(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # a notebook runs in notebooks/, outside the data's folder
+    shipped = DATA_DIR / "samples" / "sharegpt.json"
+    assert train._portable(shipped) == "sft_helpers/data/samples/sharegpt.json"
+    assert train._portable(tmp_path / "run" / "out") == "run/out"
+
+
 def test_the_capstone_config_is_valid(tmp_path):
     capstone = yaml.safe_load((REPO / "configs" / "capstone.yaml").read_text())
     capstone["data"]["train"] = "train.jsonl"  # the capstone's own data may not exist yet
