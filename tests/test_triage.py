@@ -143,7 +143,8 @@ def test_majority_prediction_takes_the_most_common_labels_of_the_training_rows()
     assert majority_prediction(rows) == {"category": "other", "urgent": False}  # 2 of 4 urgent
     assert majority_prediction(rows[2:]) == {"category": "bug", "urgent": False}  # ties
     raw, eval_rows = read_jsonl(RAW_FILE), read_jsonl(EVAL_FILE)
-    clean = [r for r in raw if r["id"] not in raw_problems(raw, eval_rows)]
+    problems = raw_problems(raw, eval_rows)
+    clean = [r for r in raw if r["id"] not in problems]
     assert majority_prediction(clean) == {"category": "bug", "urgent": False}  # 40 bugs of 176
     with pytest.raises(ValueError, match="no rows"):
         majority_prediction([])
