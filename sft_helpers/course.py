@@ -167,12 +167,12 @@ def minutes_paragraph(minutes: dict[str, float]) -> str:
         f"Recorded in the committed notebooks (executed from a clean kernel, one after another, "
         f"on the reference machine: 2 cores, no GPU): {listed} minutes, "
         f"{sum(minutes.values()):.1f} minutes for the whole course. In that run notebook 03 "
-        "trained the course adapter, 06 its noisy and filtered adapters and 07 its two mistake "
-        "adapters and the instruction-mixture adapter; second runs of 06 and 07 load them from "
-        "the cache. Plan the lab for several "
-        "times that: students read, change and re-run cells. Running `make test` once while "
-        "preparing the room also trains and caches the adapters that notebooks 06, 07 and 08 "
-        "load."
+        "trained the course adapter, 05 its two new-template adapters, 06 its noisy and "
+        "filtered adapters and 07 its two mistake adapters and the instruction-mixture "
+        "adapter; second runs of 05, 06 and 07 load them from the cache. Plan the lab for "
+        "several times that: students read, change and re-run cells. Running `make test` once "
+        "while preparing the room also trains and caches the adapters that notebooks 05, 06, "
+        "07 and 08 load."
     )
     return "<!-- minutes -->\n" + textwrap.fill(text, width=92) + "\n<!-- /minutes -->"
 
