@@ -26,8 +26,10 @@ from pathlib import Path
 
 import nbformat
 
-NOTEBOOKS = Path(__file__).resolve().parent.parent / "notebooks"
-README = NOTEBOOKS.parent / "README.md"
+# The folder that holds sft_helpers/ (a clone of the course).
+COURSE_ROOT = Path(__file__).resolve().parent.parent
+NOTEBOOKS = COURSE_ROOT / "notebooks"
+README = COURSE_ROOT / "README.md"
 # The runtime badges of a notebook's title cell: CPU minutes as measured; the Colab GPU
 # time has not been measured, and the badge says so.
 BADGES = re.compile(r"!\[CPU: [^\]]*\]\([^)]*\)(?: !\[Colab GPU: [^\]]*\]\([^)]*\))?")

@@ -18,14 +18,13 @@ from __future__ import annotations
 
 import copy
 import json
-import shutil
 import warnings
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 import torch
 
-from sft_helpers.data import DATA_DIR, SPLIT_FILES, read_conversations
+from sft_helpers.data import DATA_DIR
 from sft_helpers.generation import decode, left_padded, prompt_messages
 from sft_helpers.memory import FLOAT32_BYTES, OPTIMIZER_STATES
 from sft_helpers.models import cached_entry, load_model
@@ -37,7 +36,7 @@ from sft_helpers.training import (
     loss_history,
     recipe_with,
     train_arguments,
-    train_sft,
+    train_split,
     training_log,
 )
 
@@ -174,11 +173,7 @@ def _build_template_adapter(config: Mapping, data_dir: Path):
         arguments = train_arguments(config)
         if config["train_rows"]:
             arguments["peft_config"].trainable_token_indices = new_ids
-        conversations = [r["messages"]
-                         for r in read_conversations(Path(data_dir) / SPLIT_FILES["train"])]
-        trainer = train_sft(model, tokenizer, conversations, output_dir=directory / "trainer",
-                            **arguments)
-        shutil.rmtree(directory / "trainer", ignore_errors=True)
+        trainer = train_split(model, tokenizer, arguments, data_dir, directory)
         # The adapter holds LoRA and the trained rows only; the resized vocabulary travels
         # as the tokenizer saved beside it (save_embedding_layers=False: without it PEFT
         # would add the whole 28M-parameter embedding whenever the vocabulary grew).

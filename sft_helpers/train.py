@@ -39,6 +39,7 @@ from pathlib import Path
 
 import torch
 
+from sft_helpers.course import COURSE_ROOT
 from sft_helpers.formats import FORMATS, read_examples
 from sft_helpers.models import (
     DEFAULT_PROFILE,
@@ -60,9 +61,6 @@ from sft_helpers.training import (
 )
 
 METRICS_FILE = "metrics.json"
-# The folder that holds sft_helpers/ (a clone of the course): paths inside it are printed
-# relative to it.
-COURSE_ROOT = Path(__file__).resolve().parents[1]
 # Where a run writes when the config names no output_dir: outputs/<config file's stem>
 # (the repository ignores outputs/).
 OUTPUT_ROOT = "outputs"

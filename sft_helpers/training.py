@@ -434,17 +434,25 @@ def train_arguments(recipe: Mapping) -> dict:
     }
 
 
+def train_split(model, tokenizer, arguments: Mapping, data_dir: Path, directory: Path):
+    """`train_sft` on the train split of `data_dir` with `arguments` (from
+    `train_arguments`), its scratch folder made and removed inside `directory` (an adapter's
+    cache folder). Returns the trainer."""
+    # Any well-formed conversations train (notebook 06 trains on data with planted
+    # defects); the course data's own house-style rules are checked by its tests.
+    train_file = Path(data_dir) / SPLIT_FILES["train"]
+    conversations = [r["messages"] for r in read_conversations(train_file)]
+    trainer = train_sft(model, tokenizer, conversations, output_dir=directory / "trainer",
+                        **arguments)
+    shutil.rmtree(directory / "trainer", ignore_errors=True)
+    return trainer
+
+
 def _build_adapter(config: Mapping, data_dir: Path):
     def build(directory: Path) -> None:
         model, tokenizer = load_model(config["model"]["profile"],
                                       quantization=config["model"]["quantization"])
-        # Any well-formed conversations train (notebook 06 trains on data with planted
-        # defects); the course data's own house-style rules are checked by its tests.
-        train_file = Path(data_dir) / SPLIT_FILES["train"]
-        conversations = [r["messages"] for r in read_conversations(train_file)]
-        trainer = train_sft(model, tokenizer, conversations, output_dir=directory / "trainer",
-                            **train_arguments(config))
-        shutil.rmtree(directory / "trainer", ignore_errors=True)
+        trainer = train_split(model, tokenizer, train_arguments(config), data_dir, directory)
         trainer.model.save_pretrained(directory)
         log = {
             "config": config,
