@@ -10,6 +10,7 @@ stop rate, loop rate, persona), next to the untrained model's:
     HF_HUB_OFFLINE=1 .venv/bin/python bench/recipe_sweep.py [--only NAME ...] [--replies DIR] \
         [--write bench/results/recipe_sweep.json]
 
+`--write` puts the rows it ran into the saved table (replacing rows of the same name).
 Timings come from one run on one machine; settings that run while the machine is busy
 with other work read slower. The rows up to "96 x 1" trained padded batches, the "x 4" rows
 after them padding-free ones (`train_sft`'s default since; the same loss, a faster step:
@@ -42,6 +43,26 @@ SETTINGS = {
     "lr 3e-3 constant, 96 x 1": {**EARLIER, "max_steps": 96, "batch_size": 1},
     "lr 3e-3 constant, 32 x 4": {**EARLIER, "max_steps": 32},
     "lr 3e-3 constant, 48 x 4": {**EARLIER, "max_steps": 48},
+    # The same 32 x 4 with another seed: how far one run's scores move by chance.
+    "lr 3e-3 constant, 32 x 4, seed 1": {**EARLIER, "max_steps": 32, "seed": 1},
+    "lr 5e-3 constant, 32 x 4": {**EARLIER, "max_steps": 32, "learning_rate": 5e-3},
+    "lr 3e-3 constant, 32 x 4, r 16": {**EARLIER, "max_steps": 32, "r": 16, "alpha": 32},
+    "lr 2e-3 cosine, 64 x 4": {**EARLIER, "max_steps": 64, "learning_rate": 2e-3,
+                               "lr_scheduler": "cosine", "warmup_steps": 4},
+    # Where the adapters go: backpropagation reaches down to the lowest adapted layer.
+    "lr 3e-3 constant, 32 x 4, layers 8-29": {**EARLIER, "max_steps": 32,
+                                              "layers": list(range(8, 30))},
+    "lr 3e-3 constant, 32 x 4, layers 8-29, seed 1": {**EARLIER, "max_steps": 32,
+                                                       "layers": list(range(8, 30)), "seed": 1},
+    "lr 3e-3 constant, 24 x 4, all 30 layers": {**EARLIER, "layers": None},
+    "lr 3e-3 constant, 32 x 4, all 30 layers": {**EARLIER, "max_steps": 32, "layers": None},
+    "lr 3e-3 constant, 32 x 4, all 30 layers, seed 1": {**EARLIER, "max_steps": 32,
+                                                        "layers": None, "seed": 1},
+    "lr 4e-3 constant, 32 x 4, all 30 layers": {**EARLIER, "max_steps": 32, "layers": None,
+                                                "learning_rate": 4e-3},
+    "lr 4e-3 constant, 32 x 4, all 30 layers, seed 1": {**EARLIER, "max_steps": 32,
+                                                        "layers": None, "learning_rate": 4e-3,
+                                                        "seed": 1},
 }
 UNTRAINED = "untrained model"
 COLUMNS = ("house_style", "stopped", "loops", "persona", "opening")
@@ -64,6 +85,19 @@ def summary(name: str, config: dict | None, train_s: float | None, scores: dict)
     untrained model): what `--write` saves and notebook 03 plots."""
     return {"recipe": name, "config": config, "train_seconds": train_s,
             "eval_loss": scores["eval loss"], **{c: scores[c] for c in COLUMNS}}
+
+
+def merged(path: Path, rows: list[dict]) -> list[dict]:
+    """The table in `path` with `rows` put in: a row of the same recipe name is replaced in
+    place, a new one is added at the end (so `--only` runs add to the saved table).
+
+    >>> merged(Path("no-such-file.json"), [{"recipe": "a"}])
+    [{'recipe': 'a'}]
+    """
+    saved = json.loads(path.read_text()) if path.exists() else []
+    fresh = {r["recipe"]: r for r in rows}
+    kept = [fresh.pop(r["recipe"], r) for r in saved]
+    return kept + list(fresh.values())
 
 
 def row(name: str, train_s: float | None, scores: dict) -> str:
@@ -114,7 +148,7 @@ def main() -> None:
         rows.append(summary(name, training_log(adapter)["config"], train_s, scores))
         print(row(name, train_s, scores), flush=True)
     if args.write:
-        args.write.write_text(json.dumps(rows, indent=1) + "\n")
+        args.write.write_text(json.dumps(merged(args.write, rows), indent=1) + "\n")
 
 
 if __name__ == "__main__":

@@ -31,7 +31,7 @@ TRAIN_LINES = (DATA_DIR / SPLIT_FILES["train"]).read_text(encoding="utf-8").spli
 TINY_RUN = {
     "model": {"profile": "tiny"},
     "data": {"train": "train.jsonl"},
-    "lora": {"r": 4, "alpha": 8, "layers": None},  # the tiny model's 2 layers, not 18-29
+    "lora": {"r": 4, "alpha": 8, "layers": None},  # all the tiny model's 2 layers
     "training": {"max_length": 96, "max_steps": 2, "batch_size": 2, "learning_rate": 5.0e-3},
 }
 LAUNCH_TIMEOUT_S = 240
