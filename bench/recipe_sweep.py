@@ -11,8 +11,9 @@ stop rate, loop rate, persona), next to the untrained model's:
         [--write bench/results/recipe_sweep.json]
 
 `--write` puts the rows it ran into the saved table (replacing rows of the same name).
-Timings come from one run on one machine; settings that run while the machine is busy
-with other work read slower. The rows up to "96 x 1" trained padded batches, the "x 4" rows
+Timings come from the session that ran each row (the saved table holds two sessions on
+machines of one kind: compare times within one); settings that run while the machine is
+busy with other work read slower. The rows up to "96 x 1" trained padded batches, the "x 4" rows
 after them padding-free ones (`train_sft`'s default since; the same loss, a faster step:
 bench/training_speed.py), under the Makefile's allocator settings.
 """
@@ -29,6 +30,10 @@ from pathlib import Path
 # all its steps and batch size, so a rerun trains exactly these runs whatever RECIPE is now.
 EARLIER = {"max_steps": 24, "batch_size": 4, "learning_rate": 3e-3,
            "lr_scheduler": "constant_with_warmup", "max_length": 192, "layers": list(range(18, 30))}
+# The recipe the course used before the rows that vary the layers (the top 12, 32 x 4), and
+# the same on all 30 layers.
+PREVIOUS = {**EARLIER, "max_steps": 32}
+ALL_LAYERS = {**PREVIOUS, "layers": None}
 SETTINGS = {
     "old: lr 3e-3 constant, 24 x 4": EARLIER,
     "lr 1e-3 constant": {**EARLIER, "learning_rate": 1e-3},
@@ -41,27 +46,23 @@ SETTINGS = {
     "lr 2e-3 constant, 48 x 2": {**EARLIER, "learning_rate": 2e-3, "max_steps": 48,
                                  "batch_size": 2},
     "lr 3e-3 constant, 96 x 1": {**EARLIER, "max_steps": 96, "batch_size": 1},
-    "lr 3e-3 constant, 32 x 4": {**EARLIER, "max_steps": 32},
+    "lr 3e-3 constant, 32 x 4": PREVIOUS,
     "lr 3e-3 constant, 48 x 4": {**EARLIER, "max_steps": 48},
     # The same 32 x 4 with another seed: how far one run's scores move by chance.
-    "lr 3e-3 constant, 32 x 4, seed 1": {**EARLIER, "max_steps": 32, "seed": 1},
-    "lr 5e-3 constant, 32 x 4": {**EARLIER, "max_steps": 32, "learning_rate": 5e-3},
-    "lr 3e-3 constant, 32 x 4, r 16": {**EARLIER, "max_steps": 32, "r": 16, "alpha": 32},
-    "lr 2e-3 cosine, 64 x 4": {**EARLIER, "max_steps": 64, "learning_rate": 2e-3,
+    "lr 3e-3 constant, 32 x 4, seed 1": {**PREVIOUS, "seed": 1},
+    "lr 5e-3 constant, 32 x 4": {**PREVIOUS, "learning_rate": 5e-3},
+    "lr 3e-3 constant, 32 x 4, r 16": {**PREVIOUS, "r": 16, "alpha": 32},
+    "lr 2e-3 cosine, 64 x 4": {**PREVIOUS, "max_steps": 64, "learning_rate": 2e-3,
                                "lr_scheduler": "cosine", "warmup_steps": 4},
     # Where the adapters go: backpropagation reaches down to the lowest adapted layer.
-    "lr 3e-3 constant, 32 x 4, layers 8-29": {**EARLIER, "max_steps": 32,
-                                              "layers": list(range(8, 30))},
-    "lr 3e-3 constant, 32 x 4, layers 8-29, seed 1": {**EARLIER, "max_steps": 32,
-                                                       "layers": list(range(8, 30)), "seed": 1},
-    "lr 3e-3 constant, 24 x 4, all 30 layers": {**EARLIER, "layers": None},
-    "lr 3e-3 constant, 32 x 4, all 30 layers": {**EARLIER, "max_steps": 32, "layers": None},
-    "lr 3e-3 constant, 32 x 4, all 30 layers, seed 1": {**EARLIER, "max_steps": 32,
-                                                        "layers": None, "seed": 1},
-    "lr 4e-3 constant, 32 x 4, all 30 layers": {**EARLIER, "max_steps": 32, "layers": None,
-                                                "learning_rate": 4e-3},
-    "lr 4e-3 constant, 32 x 4, all 30 layers, seed 1": {**EARLIER, "max_steps": 32,
-                                                        "layers": None, "learning_rate": 4e-3,
+    "lr 3e-3 constant, 32 x 4, layers 8-29": {**PREVIOUS, "layers": list(range(8, 30))},
+    "lr 3e-3 constant, 32 x 4, layers 8-29, seed 1": {**PREVIOUS, "layers": list(range(8, 30)),
+                                                       "seed": 1},
+    "lr 3e-3 constant, 24 x 4, all 30 layers": {**ALL_LAYERS, "max_steps": 24},
+    "lr 3e-3 constant, 32 x 4, all 30 layers": ALL_LAYERS,
+    "lr 3e-3 constant, 32 x 4, all 30 layers, seed 1": {**ALL_LAYERS, "seed": 1},
+    "lr 4e-3 constant, 32 x 4, all 30 layers": {**ALL_LAYERS, "learning_rate": 4e-3},
+    "lr 4e-3 constant, 32 x 4, all 30 layers, seed 1": {**ALL_LAYERS, "learning_rate": 4e-3,
                                                         "seed": 1},
 }
 UNTRAINED = "untrained model"
