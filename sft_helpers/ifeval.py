@@ -637,17 +637,62 @@ def benchmark(
     >>> scores["ifeval"]["instruction_strict"]["k"], scores["stopped"]["n"]  # doctest: +SKIP
     (120, 132)
     """
-    from sft_helpers.evaluation import cached_replies, rate  # torch-heavy: import on use
-    from sft_helpers.generation import stop_count
+    from sft_helpers.evaluation import cached_replies  # torch-heavy: import on use
 
     rows = load_ifeval("eval") if rows is None else list(rows)
     prompts = [{"instruction": row["prompt"]} for row in rows]
     results = cached_replies(model, tokenizer, prompts, max_new_tokens=max_new_tokens,
                              progress=progress, cache=cache)
+    return benchmark_scores(rows, results), results
+
+
+def benchmark_scores(rows: Sequence[Mapping], results: Sequence[Mapping]) -> dict:
+    """The scores `benchmark` gives `results` (one `evaluate_sft_model` record per row, in
+    order): for replies generated elsewhere, e.g. saved by a bench script.
+
+    >>> benchmark_scores(rows, saved_replies)["whole"]["prompt_strict"]  # doctest: +SKIP
+    """
+    from sft_helpers.evaluation import rate
+    from sft_helpers.generation import stop_count
+
+    if len(results) != len(rows) or any(
+            r["instruction"] != row["prompt"] for r, row in zip(results, rows, strict=True)):
+        raise ValueError(f"{len(results)} replies do not answer the {len(rows)} benchmark "
+                         "prompts in order")
     n = len(results)
     return {
         "ifeval": score(rows, [r["generated"] for r in results]),
         "whole": score(rows, [finished_reply(r) for r in results]),
         "stopped": rate(stop_count(results), n),
         "loops": rate(sum(loops(r["generated"]) for r in results), n),
-    }, results
+    }
+
+
+# --- the training mixture of notebook 07 -----------------------------------------------
+
+
+def mixture_folder() -> Path:
+    """A data folder (`data.data_folder`) whose train split is the course's conversations
+    followed by the instruction-following ones of `train_conversations`: the mixture that
+    notebook 07 measures. `training.course_adapter(data_dir=mixture_folder())` trains it."""
+    from sft_helpers.data import data_folder, read_split
+
+    return data_folder(read_split("train") + train_conversations())
+
+
+def saved_mixture(path: Path, profile: str) -> dict:
+    """The mixed adapter's replies that `bench/ifeval_mixture.py` saved in `path`
+    (`"ifeval"`: to the benchmark's prompts, `"course"`: to the held-out course prompts),
+    checked to come from the adapter that the current recipe and data give for `profile`.
+    Another key raises `ValueError` saying how to make the file again."""
+    from sft_helpers.training import adapter_key, recipe_with  # torch-heavy: import on use
+
+    saved = json.loads(Path(path).read_text(encoding="utf-8"))
+    key = adapter_key(recipe_with(profile=profile), mixture_folder())
+    if saved["adapter_key"] != key:
+        raise ValueError(
+            f"{path} holds the replies of the mixed adapter {saved['adapter_key']} "
+            f"({saved['profile']}), but the current recipe and data give {key} for {profile}: "
+            f"run python bench/ifeval_mixture.py --profile {profile} --write {path}"
+        )
+    return saved

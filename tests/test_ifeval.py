@@ -16,6 +16,7 @@ from sft_helpers.ifeval import (
     POSTSCRIPT_PATTERNS,
     REGISTRY,
     benchmark,
+    benchmark_scores,
     check,
     check_loose,
     count_words,
@@ -464,6 +465,12 @@ def test_benchmark_scores_whole_replies_and_reads_them_from_the_cache(fresh_cach
     assert (scores["stopped"]["k"], scores["stopped"]["n"]) == (0, 3)
     assert scores["whole"] == score(rows, [""] * 3)
     assert scores["whole"]["instruction_strict"]["k"] == 0
+    # Saved replies score the same; replies to other prompts are refused.
+    assert benchmark_scores(rows, results) == scores
+    with pytest.raises(ValueError, match="do not answer the 3 benchmark prompts"):
+        benchmark_scores(rows, results[::-1])
+    with pytest.raises(ValueError, match="2 replies"):
+        benchmark_scores(rows, results[:2])
 
     def no_generation(*args, **kwargs):
         raise AssertionError("generated although the replies are cached")
@@ -482,3 +489,20 @@ def test_a_finished_reply_is_one_that_stopped_without_looping():
     assert finished_reply({"generated": bullets, "stop_reason": "max_new_tokens"}) == ""
     assert check(BULLETS, looped, num_bullets=3)  # IFEval's rule passes the loop
     assert finished_reply({"generated": looped, "stop_reason": "eos"}) == ""
+
+
+def test_saved_mixture_replies_must_come_from_the_current_recipe_and_data(tmp_path):
+    from sft_helpers.data import SPLIT_FILES, read_split
+    from sft_helpers.ifeval import mixture_folder, saved_mixture
+    from sft_helpers.training import adapter_key, recipe_with
+
+    folder = mixture_folder()
+    train = (folder / SPLIT_FILES["train"]).read_text(encoding="utf-8").splitlines()
+    assert len(train) == len(read_split("train")) + len(train_conversations())
+    key = adapter_key(recipe_with(profile="tiny"), folder)
+    path = tmp_path / "mixture.json"
+    path.write_text(json.dumps({"adapter_key": key, "profile": "tiny", "ifeval": []}))
+    assert saved_mixture(path, "tiny")["ifeval"] == []
+    # The same file read for another profile (another recipe) is refused, with the fix.
+    with pytest.raises(ValueError, match=r"bench/ifeval_mixture.py --profile other"):
+        saved_mixture(path, "other")
