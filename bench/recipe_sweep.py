@@ -11,7 +11,10 @@ stop rate, loop rate, persona), next to the untrained model's:
         [--write bench/results/recipe_sweep.json]
 
 `--write` puts the rows it ran into the saved table (replacing rows of the same name).
-Timings come from the session that ran each row (the saved table holds two sessions on
+Every row but the last two trained on the course data before seven of its replies, whose
+details opened by repeating the answer line, were fixed; the last two train the chosen recipe
+on the fixed data (a rerun of the whole sweep trains every row on today's data).
+Timings come from the session that ran each row (the saved table holds three sessions on
 machines of one kind: compare times within one); settings that run while the machine is
 busy with other work read slower. The rows up to "96 x 1" trained padded batches, the "x 4" rows
 after them padding-free ones (`train_sft`'s default since; the same loss, a faster step:
@@ -64,6 +67,12 @@ SETTINGS = {
     "lr 4e-3 constant, 32 x 4, all 30 layers": {**ALL_LAYERS, "learning_rate": 4e-3},
     "lr 4e-3 constant, 32 x 4, all 30 layers, seed 1": {**ALL_LAYERS, "learning_rate": 4e-3,
                                                         "seed": 1},
+    # The chosen recipe again, on the course data after seven replies whose details opened by
+    # repeating the answer line were fixed (the rows above trained on the data before).
+    "lr 4e-3 constant, 32 x 4, all 30 layers, details fixed": {**ALL_LAYERS,
+                                                               "learning_rate": 4e-3},
+    "lr 4e-3 constant, 32 x 4, all 30 layers, details fixed, seed 1": {
+        **ALL_LAYERS, "learning_rate": 4e-3, "seed": 1},
 }
 UNTRAINED = "untrained model"
 COLUMNS = ("house_style", "stopped", "loops", "persona", "opening")

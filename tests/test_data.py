@@ -72,6 +72,22 @@ def test_every_reply_is_in_the_house_style_with_details_and_short():
         assert len(reply.split()) <= 100, reply
 
 
+def test_no_training_reply_opens_its_details_by_repeating_its_answer_line():
+    # Details that restate the answer line teach the copy that ends in a loop (notebook 03):
+    # the answer line may not reappear near the start of the details (a short label such as
+    # "The full story:" before it included).
+    from sft_helpers.evaluation import normalize_answer
+
+    def opens_with_answer(reply):
+        answer, details = (normalize_answer(part) for part in reply.split(DETAILS_HEADING, 1))
+        return answer in details[: len(answer) + 20]
+
+    assert opens_with_answer("Roses are red.\n\n### Details\nThe poem: Roses are red. Violets...")
+    for record in TRAIN:
+        for reply in assistant_messages([record]):
+            assert not opens_with_answer(reply), (record["id"], reply)
+
+
 def test_roles_alternate_starting_with_the_user():
     for record in TRAIN + EVAL:
         roles = [m["role"] for m in record["messages"]]
