@@ -10,13 +10,16 @@ changed, each in a process of its own:
 - glibc's memory allocator: its defaults, which hand freed blocks of more than a few MB
   back to the system, so that every step maps its large buffers anew and pays a page fault
   per 4 KB page touched; or the settings the Makefile exports (`MALLOC_*`, read from it
-  here), which keep freed memory for the next step.
+  here), which keep freed memory for the next step;
+- the positions TRL's fused LM head scores: every one (what TRL does off CUDA) or only
+  those with a label (`train_sft`'s `trained_positions_only`, what it does now).
 
 It prints, side by side from one run, the real (non-pad) tokens trained per second of
 each (per step, the first step left out: it pays for allocating buffers), each one's ratio
 to the earlier settings (padded, glibc's defaults) at the recipe's batch size, and the
 largest difference between the padded and the padding-free loss at any step (the two
-compute the same loss; `LOSS_TOLERANCE` is what float32 rounding may change):
+compute the same loss; `LOSS_TOLERANCE` is what float32 rounding may change), and whether
+scoring only the trained positions gave the same loss at every step:
 
     HF_HUB_OFFLINE=1 .venv/bin/python bench/training_speed.py [--conversations 48]
 """
@@ -46,7 +49,7 @@ def allocator_settings() -> dict[str, str]:
     return found
 
 
-def measure(n: int, batch_size: int, padding_free: bool) -> dict:
+def measure(n: int, batch_size: int, padding_free: bool, trained_only: bool) -> dict:
     """Train `n / batch_size` steps (the seeded shuffle gives every batch size the same `n`
     conversations); the tokens/s of steps 2 onwards and the loss per step."""
     from sft_helpers.data import read_split
@@ -67,17 +70,20 @@ def measure(n: int, batch_size: int, padding_free: bool) -> dict:
                  "max_steps": n // batch_size}
     with tempfile.TemporaryDirectory() as work:
         trainer = train_sft(model, tokenizer, conversations, output_dir=work, progress=False,
-                            padding_free=padding_free, callbacks=[clock], **arguments)
+                            padding_free=padding_free, trained_positions_only=trained_only,
+                            callbacks=[clock], **arguments)
     return {"tokens_per_s": steady_tokens_per_s(trainer, clock),
             "loss": loss_history(trainer), "steps": len(clock.seconds)}
 
 
-def in_process(n: int, batch_size: int, padding_free: bool, allocator: dict) -> dict:
+def in_process(n: int, batch_size: int, padding_free: bool, trained_only: bool,
+               allocator: dict) -> dict:
     """`measure` in a fresh Python process whose environment has exactly `allocator`'s
     MALLOC_ settings (glibc reads them when a process starts)."""
     env = {k: v for k, v in os.environ.items() if not k.startswith("MALLOC_")} | allocator
     out = subprocess.run(
-        [sys.executable, __file__, "--measure", str(n), str(batch_size), str(int(padding_free))],
+        [sys.executable, __file__, "--measure", str(n), str(batch_size), str(int(padding_free)),
+         str(int(trained_only))],
         env=env, capture_output=True, text=True, check=True,
     ).stdout
     return json.loads(out.strip().splitlines()[-1])
@@ -87,11 +93,11 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--conversations", type=int, default=48,
                         help="conversations each run trains on")
-    parser.add_argument("--measure", nargs=3, type=int, help=argparse.SUPPRESS)
+    parser.add_argument("--measure", nargs=4, type=int, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.measure:
-        n, batch, padding_free = args.measure
-        print(json.dumps(measure(n, batch, bool(padding_free))))
+        n, batch, padding_free, trained_only = args.measure
+        print(json.dumps(measure(n, batch, bool(padding_free), bool(trained_only))))
         return
 
     from sft_helpers.training import RECIPE
@@ -101,30 +107,38 @@ def main() -> None:
         parser.error(f"the recipe's batch size is {batch}: padding has nothing to remove "
                      "at 1, and --conversations must be a multiple of it")
     kept = allocator_settings()
-    settings = [  # (batch, collation, allocator)
-        (batch, "padded", "glibc defaults"),
-        (batch, "padding-free", "glibc defaults"),
-        (batch, "padding-free", "freed memory kept"),
-        (1, "one conversation", "glibc defaults"),
-        (1, "one conversation", "freed memory kept"),
+    every, trained = "every position", "trained positions"
+    earliest = (batch, "padded", "glibc defaults", every)
+    before_head = (batch, "padding-free", "freed memory kept", every)
+    today = (batch, "padding-free", "freed memory kept", trained)
+    settings = [  # (batch, collation, allocator, positions the LM head scores)
+        earliest,
+        (batch, "padding-free", "glibc defaults", every),
+        before_head,
+        today,
+        (1, "one conversation", "glibc defaults", every),
+        (1, "one conversation", "freed memory kept", every),
     ]
-    runs = {(size, collation, allocator): in_process(
-                args.conversations, size, collation == "padding-free",
-                kept if allocator == "freed memory kept" else {})
-            for size, collation, allocator in settings}
-    earlier = runs[batch, "padded", "glibc defaults"]["tokens_per_s"]
+    runs = {setting: in_process(
+                args.conversations, setting[0], setting[1] == "padding-free",
+                setting[3] == trained, kept if setting[2] == "freed memory kept" else {})
+            for setting in settings}
+    earlier = runs[earliest]["tokens_per_s"]
     print(f"{args.conversations} conversations per run, the course recipe otherwise "
           f"(allocator settings kept: {', '.join(f'{k}={v}' for k, v in kept.items())})")
-    print("| batch | collation | allocator | steps | real tokens/s | vs earlier settings |")
-    print("|---|---|---|---|---|---|")
-    for (size, collation, allocator), run in runs.items():
-        print(f"| {size} | {collation} | {allocator} | {run['steps']} | "
+    print("| batch | collation | allocator | LM head scores | steps | real tokens/s "
+          "| vs earlier settings |")
+    print("|---|---|---|---|---|---|---|")
+    for (size, collation, allocator, head), run in runs.items():
+        print(f"| {size} | {collation} | {allocator} | {head} | {run['steps']} | "
               f"{run['tokens_per_s']:.0f} | {run['tokens_per_s'] / earlier:.2f} |")
-    course = runs[batch, "padding-free", "freed memory kept"]
+    course = runs[today]
     print(f"the course recipe as train_sft runs it (`make`), against the same recipe with the "
           f"earlier settings: {course['tokens_per_s'] / earlier:.2f}x")
-    gap = max(abs(a - b) for a, b in zip(runs[batch, "padded", "glibc defaults"]["loss"],
-                                          course["loss"], strict=True))
+    print(f"scoring only the trained positions: "
+          f"{course['tokens_per_s'] / runs[before_head]['tokens_per_s']:.2f}x, the same loss "
+          f"at every step: {course['loss'] == runs[before_head]['loss']}")
+    gap = max(abs(a - b) for a, b in zip(runs[earliest]["loss"], course["loss"], strict=True))
     verdict = "within" if gap <= LOSS_TOLERANCE else "OUTSIDE"
     print(f"loss, padded vs padding-free, largest gap over {course['steps']} steps: "
           f"{gap:.2e} ({verdict} the tolerance {LOSS_TOLERANCE:g})")

@@ -219,6 +219,30 @@ def _quiet_preparation():
             datasets.enable_progress_bars()
 
 
+@contextlib.contextmanager
+def _scoring(trained_positions_only: bool):
+    """While training, make TRL's fused LM head score only the positions that have a label,
+    on the CPU too (`trained_positions_only`), or leave TRL's own choice.
+
+    TRL 1.16 projects through the head only the positions whose next-token label is not
+    -100 on Triton devices (CUDA), and every position elsewhere, since on compiled backends
+    (Neuron) a number of positions that changes with each batch would recompile the tiles.
+    The CPU runs eagerly and compiles nothing, and a position without a label adds nothing
+    to the loss or to a gradient: the same adapter comes out, bit for bit (a test checks
+    it), from a faster step (bench/training_speed.py measures it). TRL takes that decision
+    in one private function of the pinned version, `trl.trainer.utils._use_triton`, which
+    this replaces for the run only (a test checks that it is there and put back)."""
+    import trl.trainer.utils as trl_utils
+
+    original = trl_utils._use_triton
+    if trained_positions_only:
+        trl_utils._use_triton = lambda device: device.type == "cpu" or original(device)
+    try:
+        yield
+    finally:
+        trl_utils._use_triton = original
+
+
 # The layers whose rows PEFT trains through `trainable_token_indices` or `modules_to_save`.
 EMBEDDING_LAYERS = ("embed_tokens", "lm_head")
 
@@ -273,6 +297,7 @@ def train_sft(
     lr_scheduler: str = _TRAINING["lr_scheduler"],
     packing: bool = _TRAINING["packing"],
     padding_free: bool = True,
+    trained_positions_only: bool = True,
     peft_config=None,
     callbacks: Sequence = (),
     labels: str = RECIPE["masking"]["labels"],
@@ -283,7 +308,9 @@ def train_sft(
 
     Every setting defaults to the course recipe (`RECIPE`); `train_arguments(recipe)`
     gives them all from a recipe. A batch is padding-free (`padding_free=False` pads it to
-    its longest conversation instead, as TRL does by default). The loss covers the
+    its longest conversation instead, as TRL does by default). The LM head scores only
+    the positions that have a label (`trained_positions_only=False`: every position, as
+    TRL does off CUDA; the same loss, a slower step). The loss covers the
     assistant's tokens only (our masking; `labels` selects one of the mistakes in
     `LABEL_MODES` instead). `peft_config` defaults to `lora_config()`; TRL wraps the model
     with it. `callbacks` are transformers `TrainerCallback`s added to the run. Seeded: on
@@ -317,7 +344,8 @@ def train_sft(
         )
         if not progress:  # without a progress bar, Trainer prints every log line instead
             trainer.remove_callback(PrinterCallback)
-        trainer.train()
+        with _scoring(trained_positions_only):
+            trainer.train()
     return trainer
 
 

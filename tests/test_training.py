@@ -165,6 +165,33 @@ def test_padding_free_batches_have_no_pads_and_the_padded_loss(tmp_path):
     assert loss_history(free) == pytest.approx(loss_history(padded), abs=1e-4)
 
 
+@pytest.mark.slow
+def test_scoring_only_trained_positions_gives_the_same_adapter(tmp_path, monkeypatch):
+    import trl.trainer.utils as trl_utils
+
+    original = trl_utils._use_triton
+    apply = trl_utils._ChunkedLogProbFunction.apply
+    scored = []
+
+    def spy(hidden, *args):
+        scored.append(hidden.shape[0])
+        return apply(hidden, *args)
+
+    monkeypatch.setattr(trl_utils._ChunkedLogProbFunction, "apply", spy)
+    every = train_tiny(tmp_path / "every", trained_positions_only=False)
+    every_rows, scored[:] = list(scored), []
+    trained = train_tiny(tmp_path / "trained")
+    assert trl_utils._use_triton is original  # put back after the run
+    labels = [int((row["labels"][:, 1:] != IGNORE_INDEX).sum()) for row in
+              trained.get_train_dataloader()][: FAST["max_steps"]]
+    assert scored == labels and all(s < e for s, e in zip(scored, every_rows, strict=True))
+    assert loss_history(trained) == loss_history(every)
+    weights = {n: p for n, p in every.model.named_parameters() if p.requires_grad}
+    for name, param in trained.model.named_parameters():
+        if param.requires_grad:
+            assert torch.equal(param, weights[name]), name
+
+
 def test_makefile_exports_the_allocator_settings_the_training_bench_reads():
     import importlib.util
 
