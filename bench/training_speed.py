@@ -119,10 +119,10 @@ def main() -> None:
         (1, "one conversation", "glibc defaults", every),
         (1, "one conversation", "freed memory kept", every),
     ]
-    runs = {setting: in_process(
-                args.conversations, setting[0], setting[1] == "padding-free",
-                setting[3] == trained, kept if setting[2] == "freed memory kept" else {})
-            for setting in settings}
+    runs = {(size, collation, allocator, head): in_process(
+                args.conversations, size, collation == "padding-free", head == trained,
+                kept if allocator == "freed memory kept" else {})
+            for size, collation, allocator, head in settings}
     earlier = runs[earliest]["tokens_per_s"]
     print(f"{args.conversations} conversations per run, the course recipe otherwise "
           f"(allocator settings kept: {', '.join(f'{k}={v}' for k, v in kept.items())})")
