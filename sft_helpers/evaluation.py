@@ -6,7 +6,9 @@ side by side in one table.
 
 The LLM-as-judge part asks a model which of two answers is better (a rubric prompt, one
 forward pass, the probability of "A" against "B"); `position_bias` and `judge_agreement`
-are the two sanity checks to run before believing any judge.
+are the two sanity checks to run before believing any judge. `answer_likelihood` is the
+other kind of judge: it scores each answer alone, by how probable the model finds it as
+its reply, and `likelihood_preference` turns two such scores into a verdict.
 
     >>> generation_metrics(evaluate_sft_model(model, tokenizer, prompts))  # doctest: +SKIP
 """
@@ -51,6 +53,16 @@ Answer B:
 {answer_b}
 
 Which answer is better? Reply with one letter, A or B."""
+# The user turn of the likelihood judge: the question, with its reference answer or alone.
+LIKELIHOOD_PROMPT = """Question: {instruction}
+
+Reference answer:
+{reference}
+
+Answer the question the way the reference answer does."""
+QUESTION_PROMPT = """Question: {instruction}
+
+Answer the question."""
 # What `reply_scores` reports for each reply, in the order tables print them.
 REPLY_METRICS = ("opening", "stopped", "loops", "house_style", "persona", "compliant")
 # New tokens for a whole reply: the longest reply in the course data has 123 tokens, so a
@@ -161,6 +173,34 @@ def generation_metrics(results: Sequence[Mapping]) -> dict[str, float]:
     }
 
 
+def _reply_losses(
+    model, tokenizer, conversations: Sequence, batch_size: int, max_length: int
+) -> list[tuple[float, int]]:
+    """(summed loss, token count) over the trained (assistant) tokens of each conversation."""
+    examples = [
+        tokenize_with_masking(c, tokenizer, max_length, index=i)
+        for i, c in enumerate(conversations)
+    ]
+    losses = []
+    model.eval()
+    for start in range(0, len(examples), batch_size):
+        batch = pad_batch(examples[start:start + batch_size], tokenizer.pad_token_id)
+        batch = {key: value.to(model.device) for key, value in batch.items()}
+        with torch.no_grad():
+            logits = model(
+                input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]
+            ).logits
+        # Position t predicts token t + 1.
+        targets = batch["labels"][:, 1:]
+        per_token = torch.nn.functional.cross_entropy(
+            logits[:, :-1].transpose(1, 2).float(), targets, reduction="none",
+            ignore_index=IGNORE_INDEX,
+        )
+        counts = (targets != IGNORE_INDEX).sum(1)
+        losses += zip(per_token.sum(1).tolist(), counts.tolist(), strict=True)
+    return losses
+
+
 def eval_loss(
     model, tokenizer, conversations: Sequence, *, batch_size: int = 8, max_length: int = 1024
 ) -> dict:
@@ -173,26 +213,8 @@ def eval_loss(
     """
     if len(conversations) == 0:
         raise ValueError("eval_loss needs at least one held-out conversation")
-    examples = [
-        tokenize_with_masking(c, tokenizer, max_length, index=i)
-        for i, c in enumerate(conversations)
-    ]
-    total, count = 0.0, 0
-    model.eval()
-    for start in range(0, len(examples), batch_size):
-        batch = pad_batch(examples[start:start + batch_size], tokenizer.pad_token_id)
-        batch = {key: value.to(model.device) for key, value in batch.items()}
-        with torch.no_grad():
-            logits = model(
-                input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]
-            ).logits
-        # Position t predicts token t + 1.
-        targets = batch["labels"][:, 1:]
-        total += torch.nn.functional.cross_entropy(
-            logits[:, :-1].flatten(0, 1).float(), targets.flatten(), reduction="sum",
-            ignore_index=IGNORE_INDEX,
-        ).item()
-        count += int((targets != IGNORE_INDEX).sum())
+    losses = _reply_losses(model, tokenizer, conversations, batch_size, max_length)
+    total, count = sum(t for t, _ in losses), sum(n for _, n in losses)
     loss = total / count
     return {"loss": loss, "perplexity": math.exp(loss), "tokens": count}
 
@@ -568,3 +590,54 @@ def judge_agreement(
         raise ValueError("the metric ties on every pair, so there is nothing to agree with")
     agree = sum((p > 0.5) == a_better for p, a_better in decided)
     return {"agreement": agree / len(decided), "pairs": len(decided)}
+
+
+def answer_likelihood(
+    model,
+    tokenizer,
+    instructions: Sequence[str],
+    answers: Sequence[str],
+    references: Sequence[str] | None = None,
+    *,
+    batch_size: int = 8,
+    max_length: int = 1024,
+) -> list[float]:
+    """How probable `model` finds each answer as its reply: the mean log-probability per
+    token of the answer and the end-of-turn token after it.
+
+    The user turn shows the question and its reference answer (`LIKELIHOOD_PROMPT`), or the
+    question alone when `references` is None (`QUESTION_PROMPT`). Each answer is scored on
+    its own, so a judge built on it cannot prefer a slot.
+
+    >>> answer_likelihood(model, tokenizer, ["2+2?"], ["4"], ["4"])  # doctest: +SKIP
+    [-1.7]
+    """
+    shown = [None] * len(instructions) if references is None else references
+    if not len(instructions) == len(answers) == len(shown):
+        raise ValueError(
+            f"need one instruction per answer: {len(instructions)} instructions, "
+            f"{len(answers)} answers, {len(shown)} references"
+        )
+    if not instructions:
+        raise ValueError("no answers to score")
+    conversations = [
+        [{"role": "user", "content": QUESTION_PROMPT.format(instruction=q) if ref is None
+          else LIKELIHOOD_PROMPT.format(instruction=q, reference=ref)},
+         {"role": "assistant", "content": a}]
+        for q, a, ref in zip(instructions, answers, shown, strict=True)
+    ]
+    losses = _reply_losses(model, tokenizer, conversations, batch_size, max_length)
+    return [-total / count for total, count in losses]
+
+
+def likelihood_preference(scores_a: Sequence[float], scores_b: Sequence[float]) -> list[float]:
+    """P(answer A is better) from two answers' scores: 1 / (1 + exp(score_b - score_a)).
+
+    Swapping A and B gives 1 minus the verdict, exactly: a judge of scores has no slot.
+
+    >>> likelihood_preference([-1.0, -2.0], [-2.0, -2.0])
+    [0.7310585786300049, 0.5]
+    """
+    if len(scores_a) != len(scores_b):
+        raise ValueError(f"lengths differ: {len(scores_a)} A scores, {len(scores_b)} B scores")
+    return [1 / (1 + math.exp(b - a)) for a, b in zip(scores_a, scores_b, strict=True)]

@@ -341,6 +341,43 @@ def test_model_judge_gives_a_probability_per_prompt_batched_or_not(tiny):
     assert batched == pytest.approx(single, abs=1e-5)
 
 
+def test_answer_likelihood_is_the_mean_log_probability_of_the_reply_and_its_end(tiny):
+    model, tokenizer = tiny
+    references = ["r1", "r2", "r3"]
+    scores = ev.answer_likelihood(model, tokenizer, QUESTIONS, LONG, references, batch_size=2)
+    # By hand: render the conversation, find the reply's tokens after the generation prompt,
+    # and average their log-probabilities up to and including the end-of-turn token.
+    for question, answer, reference, score in zip(QUESTIONS, LONG, references, scores,
+                                                  strict=True):
+        user = [{"role": "user", "content": ev.LIKELIHOOD_PROMPT.format(
+            instruction=question, reference=reference)}]
+        prompt = tokenizer.apply_chat_template(user, add_generation_prompt=True,
+                                               return_dict=True)["input_ids"]
+        full = tokenizer.apply_chat_template(user + [{"role": "assistant", "content": answer}],
+                                             return_dict=True)["input_ids"]
+        end = full.index(tokenizer.convert_tokens_to_ids("<|im_end|>"), len(prompt))
+        with torch.no_grad():
+            logits = model(input_ids=torch.tensor([full])).logits[0].log_softmax(-1)
+        by_hand = [logits[t - 1, full[t]].item() for t in range(len(prompt), end + 1)]
+        assert score == pytest.approx(sum(by_hand) / len(by_hand), abs=1e-4)
+    # The reference is part of the prompt: without it the same answers score differently.
+    alone = ev.answer_likelihood(model, tokenizer, QUESTIONS, LONG, batch_size=3)
+    assert all(abs(a - b) > 1e-6 for a, b in zip(alone, scores, strict=True))
+    with pytest.raises(ValueError, match="2 instructions, 1 answers, 2 references"):
+        ev.answer_likelihood(model, tokenizer, ["q", "r"], ["a"], ["x", "y"])
+    with pytest.raises(ValueError, match="no answers to score"):
+        ev.answer_likelihood(model, tokenizer, [], [])
+
+
+def test_likelihood_preference_follows_the_scores_and_has_no_slot():
+    p = ev.likelihood_preference([-1.0, -3.0, -2.0], [-2.0, -1.0, -2.0])
+    assert p[0] > 0.5 > p[1] and p[2] == 0.5
+    swapped = ev.likelihood_preference([-2.0, -1.0, -2.0], [-1.0, -3.0, -2.0])
+    assert [a + b for a, b in zip(p, swapped, strict=True)] == pytest.approx([1.0] * 3)
+    with pytest.raises(ValueError, match="2 A scores, 1 B scores"):
+        ev.likelihood_preference([0.0, 0.0], [0.0])
+
+
 # --- intervals and paired comparisons -----------------------------------------------------
 
 
