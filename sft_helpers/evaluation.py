@@ -525,14 +525,19 @@ def model_judge(model, tokenizer, *, batch_size: int = 8) -> Judge:
     return judge
 
 
+def _check_lengths(per: str, empty: str, columns: Mapping[str, Sequence]) -> None:
+    """A ValueError unless every column has one entry per instruction, and at least one."""
+    lengths = [len(values) for values in columns.values()]
+    if len(set(lengths)) > 1:
+        counts = ", ".join(f"{n} {name}" for n, name in zip(lengths, columns, strict=True))
+        raise ValueError(f"need one instruction per {per}: {counts}")
+    if not lengths[0]:
+        raise ValueError(empty)
+
+
 def _check_pairs(instructions, answers_a, answers_b) -> None:
-    if not len(instructions) == len(answers_a) == len(answers_b):
-        raise ValueError(
-            f"need one instruction per answer pair: {len(instructions)} instructions, "
-            f"{len(answers_a)} A answers, {len(answers_b)} B answers"
-        )
-    if not instructions:
-        raise ValueError("no answer pairs to judge")
+    _check_lengths("answer pair", "no answer pairs to judge",
+                   {"instructions": instructions, "A answers": answers_a, "B answers": answers_b})
 
 
 def judge_pairs(
@@ -613,13 +618,8 @@ def answer_likelihood(
     [-1.7]
     """
     shown = [None] * len(instructions) if references is None else references
-    if not len(instructions) == len(answers) == len(shown):
-        raise ValueError(
-            f"need one instruction per answer: {len(instructions)} instructions, "
-            f"{len(answers)} answers, {len(shown)} references"
-        )
-    if not instructions:
-        raise ValueError("no answers to score")
+    _check_lengths("answer", "no answers to score",
+                   {"instructions": instructions, "answers": answers, "references": shown})
     conversations = [
         [{"role": "user", "content": QUESTION_PROMPT.format(instruction=q) if ref is None
           else LIKELIHOOD_PROMPT.format(instruction=q, reference=ref)},
