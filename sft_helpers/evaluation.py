@@ -535,16 +535,12 @@ def _check_lengths(per: str, empty: str, columns: Mapping[str, Sequence]) -> Non
         raise ValueError(empty)
 
 
-def _check_pairs(instructions, answers_a, answers_b) -> None:
-    _check_lengths("answer pair", "no answer pairs to judge",
-                   {"instructions": instructions, "A answers": answers_a, "B answers": answers_b})
-
-
 def judge_pairs(
     judge: Judge, instructions: Sequence[str], answers_a: Sequence[str], answers_b: Sequence[str]
 ) -> list[float]:
     """P(answer A is better) for each pair, with A shown first."""
-    _check_pairs(instructions, answers_a, answers_b)
+    _check_lengths("answer pair", "no answer pairs to judge",
+                   {"instructions": instructions, "A answers": answers_a, "B answers": answers_b})
     pairs = zip(instructions, answers_a, answers_b, strict=True)
     return list(judge([judge_prompt(q, a, b) for q, a, b in pairs]))
 
