@@ -167,7 +167,7 @@ def minutes_paragraph(minutes: dict[str, float]) -> str:
     listed = ", ".join(f"{number} {value:.1f}" for number, value in minutes.items())
     text = (
         f"Recorded in the committed notebooks (executed from a clean kernel, one after another, "
-        f"on the reference machine: 2 cores, no GPU): {listed} minutes, "
+        f"on the reference machine: 2 cores, AVX2 without AVX-512, no GPU): {listed} minutes, "
         f"{sum(minutes.values()):.1f} minutes for the whole course. In that run notebook 03 "
         "trained the course adapter, 05 its two new-template adapters, 06 its noisy and "
         "filtered adapters and 07 its two mistake adapters (07 scores the instruction-mixture "
