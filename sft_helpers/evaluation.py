@@ -613,9 +613,11 @@ def answer_likelihood(
     >>> answer_likelihood(model, tokenizer, ["2+2?"], ["4"], ["4"])  # doctest: +SKIP
     [-1.7]
     """
+    columns = {"instructions": instructions, "answers": answers}
+    if references is not None:
+        columns["references"] = references
+    _check_lengths("answer", "no answers to score", columns)
     shown = [None] * len(instructions) if references is None else references
-    _check_lengths("answer", "no answers to score",
-                   {"instructions": instructions, "answers": answers, "references": shown})
     conversations = [
         [{"role": "user", "content": QUESTION_PROMPT.format(instruction=q) if ref is None
           else LIKELIHOOD_PROMPT.format(instruction=q, reference=ref)},
